@@ -1,0 +1,5 @@
+import sys
+
+from jaxtag.cli import main
+
+sys.exit(main())

@@ -1,0 +1,470 @@
+"""The self-attention music tagger (MTSA) of Won, Chun & Serra (2019) as Flax Linen modules.
+
+Shape of the computation (NOTES-layout.md in the design references):
+
+    log-mel (B, 96, T) -> input BatchNorm
+      -> 6 vertical branches (filter heights 86/38 x widths 7/3/1, max over the remaining rows)
+      -> 4 horizontal branches (lengths 165/129/65/33 on the frequency mean)
+      -> concat (29*C channels) -> 1x1 conv + BN + ReLU -> (B, T, width)
+      -> prepend the fixed CLS vector -> positions -> post-LN BERT encoder layers
+      -> tanh pooler on token 0 -> dropout -> classifier logits (B, num_tags)
+
+The parameter tree mirrors the PyTorch key names (``front_end/layers_3/conv/kernel`` for
+``front_end.layers.3.conv.weight``) so that the converter, checkpoints and tests speak one tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Vertical branches: (filter height as a fraction of the mel bins, width, channel multiplier).
+# The list order is the original `front_end.layers.0..5` order, which fixes the concat order.
+VERTICAL_BRANCHES = ((0.9, 7, 1), (0.9, 3, 2), (0.9, 1, 4), (0.4, 7, 1), (0.4, 3, 2), (0.4, 1, 4))
+# Horizontal branches `front_end.layers.6..9`: (filter length, channel multiplier).
+HORIZONTAL_BRANCHES = ((165, 1), (129, 2), (65, 4), (33, 8))
+# 29: the sum of all channel multipliers above; conv1x1 sees 29 * conv_channels channels.
+FRONT_END_MULTIPLIER = sum(m for *_, m in VERTICAL_BRANCHES) + sum(
+    m for _, m in HORIZONTAL_BRANCHES
+)
+
+BN_EPS = 1e-5  # PyTorch BatchNorm default
+BN_MOMENTUM = 0.1  # PyTorch convention: new = (1 - m) * old + m * batch
+LN_EPS = 1e-12  # BERT LayerNorm
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the network; shared by converter, training and checkpoints.
+
+    The defaults are the released `ponswon.pth` architecture.
+    """
+
+    conv_channels: int = 8
+    n_mels: int = 96
+    width: int = 512
+    num_layers: int = 2
+    num_heads: int = 8
+    ffn_size: int = 2048
+    positions: str = "learned"  # "learned" (table + LayerNorm + dropout) or "sinusoidal"
+    positions_length: int = 271  # table rows; must cover the sequence (frames + CLS)
+    num_tags: int = 50
+    attention_dropout: float = 0.1
+    hidden_dropout: float = 0.1
+    classifier_dropout: float = 0.5
+    dtype: str = "float32"  # compute dtype; parameters always stay float32
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("learned", "sinusoidal"):
+            raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {self.positions!r}")
+        if self.width % self.num_heads:
+            raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        """Builds a config from a dict (or ml_collections ConfigDict), rejecting unknown fields."""
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields: {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def cls_vector(width: int) -> np.ndarray:
+    """The fixed CLS token of the original: seed 0, uniform [0, 1) float64, cast to float32.
+
+    It is neither learned nor stored in the weights file, so it is rebuilt here. A private
+    RandomState is used so that, unlike the original, numpy's global RNG is left alone.
+    """
+    return np.random.RandomState(0).random_sample((1, width)).astype(np.float32)[0]
+
+
+def sinusoidal_table(length: int, width: int) -> np.ndarray:
+    """The original's sinusoidal positions: row 0 zero (the CLS token gets none), float64 -> f32."""
+    pos = np.arange(length, dtype=np.float64)[:, None]
+    j = np.arange(width)
+    angle = pos / np.power(10000.0, 2 * (j // 2) / width)
+    table = np.where(j % 2 == 0, np.sin(angle), np.cos(angle))
+    table[0] = 0.0
+    return table.astype(np.float32)
+
+
+def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default Conv/Linear init: U(+-1/sqrt(fan_in)) for weight and bias."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key: Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def dense(features: int, fan_in: int, dtype: Any, name: str) -> nn.Dense:
+    """A Linear layer initialised like PyTorch's."""
+    init = torch_uniform_init(fan_in)
+    return nn.Dense(features, dtype=dtype, kernel_init=init, bias_init=init, name=name)
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm with PyTorch semantics, over the last axis.
+
+    Flax's BatchNorm keeps the *biased* batch variance in its running average; PyTorch keeps the
+    unbiased one (n / (n - 1)). The released weights' running statistics and the parity tests
+    follow PyTorch, so this module does too. Under pmap, `axis_name` averages the batch moments
+    across devices, which gives the statistics of the global batch.
+    """
+
+    axis_name: str | None = None
+    momentum: float = BN_MOMENTUM
+    epsilon: float = BN_EPS
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = x32.mean(axes)
+            mean_sq = jnp.square(x32).mean(axes)
+            count = math.prod(x.shape[:-1])
+            if self.axis_name is not None and not self.is_initializing():
+                mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+                count *= jax.lax.psum(1, self.axis_name)
+            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+            if not self.is_initializing():
+                unbiased = var * (count / max(count - 1, 1))
+                ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+                ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+        else:
+            mean, var = ra_mean.value, ra_var.value
+        y = (x32 - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+        return y.astype(x.dtype)
+
+
+class ConvWeights(nn.Module):
+    """Holds one branch's conv kernel and bias; the front end fuses several branches' kernels."""
+
+    kernel_shape: tuple[int, ...]  # Flax layout: spatial dims..., in, out
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array]:
+        fan_in = math.prod(self.kernel_shape[:-1])
+        init = torch_uniform_init(fan_in)
+        kernel = self.param("kernel", init, self.kernel_shape, jnp.float32)
+        bias = self.param("bias", init, (self.kernel_shape[-1],), jnp.float32)
+        return kernel, bias
+
+
+class Branch(nn.Module):
+    """One front-end branch's parameters: `conv` weights and its `bn` (ReLU follows)."""
+
+    kernel_shape: tuple[int, ...]
+    axis_name: str | None = None
+
+    def setup(self) -> None:
+        self.conv = ConvWeights(self.kernel_shape)
+        self.bn = BatchNorm(axis_name=self.axis_name)
+
+    def weights(self) -> tuple[Array, Array]:
+        return self.conv()
+
+    def __call__(self, x: Array, train: bool) -> Array:
+        return nn.relu(self.bn(x, train))
+
+
+def _pad_width(kernel: Array, width: int) -> Array:
+    """Zero-pads a (h, w, 1, c) kernel symmetrically to width `width` (odd w, same centre)."""
+    pad = (width - kernel.shape[1]) // 2
+    return jnp.pad(kernel, ((0, 0), (pad, pad), (0, 0), (0, 0)))
+
+
+class FrontEnd(nn.Module):
+    """Pons-style musically motivated convolutions: (B, n_mels, T) -> (B, T, width)."""
+
+    config: ModelConfig
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, mel: Array, train: bool) -> Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        c = cfg.conv_channels
+        x = mel[..., None]  # (B, F, T, 1): NHWC with H = frequency
+        x = BatchNorm(self.axis_name, name="input_bn")(x, train)
+        x = x.astype(dtype)
+
+        branches = []
+        for i, (frac, w, m) in enumerate(VERTICAL_BRANCHES):
+            h = int(frac * cfg.n_mels)
+            branches.append(Branch((h, w, 1, m * c), self.axis_name, name=f"layers_{i}"))
+        for i, (k, m) in enumerate(HORIZONTAL_BRANCHES, start=len(VERTICAL_BRANCHES)):
+            branches.append(Branch((k, 1, m * c), self.axis_name, name=f"layers_{i}"))
+
+        outputs = []
+        # Branches sharing a filter height run as one convolution: kernels zero-padded to the
+        # widest width (same centre, so the result is exact) and concatenated on the output axis.
+        for group in (branches[0:3], branches[3:6]):
+            weights = [b.weights() for b in group]
+            max_w = max(k.shape[1] for k, _ in weights)
+            kernel = jnp.concatenate([_pad_width(k, max_w) for k, _ in weights], axis=-1)
+            bias = jnp.concatenate([b for _, b in weights])
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel.astype(dtype),
+                window_strides=(1, 1),
+                padding=((0, 0), (max_w // 2, max_w // 2)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            y = y + bias.astype(dtype)
+            splits = np.cumsum([k.shape[-1] for k, _ in weights])[:-1]
+            for branch, part in zip(group, jnp.split(y, splits, axis=-1), strict=True):
+                # BN + ReLU per frequency row, then the max over all remaining rows.
+                outputs.append(branch(part, train).max(axis=1))  # (B, T, c_i)
+
+        # Horizontal branches on the frequency mean, also fused into one zero-padded conv.
+        x_mean = x.mean(axis=1)  # (B, T, 1)
+        group = branches[6:]
+        weights = [b.weights() for b in group]
+        max_k = max(k.shape[0] for k, _ in weights)
+        kernel = jnp.concatenate(
+            [jnp.pad(k, (((max_k - k.shape[0]) // 2,) * 2, (0, 0), (0, 0))) for k, _ in weights],
+            axis=-1,
+        )
+        bias = jnp.concatenate([b for _, b in weights])
+        y = jax.lax.conv_general_dilated(
+            x_mean,
+            kernel.astype(dtype),
+            window_strides=(1,),
+            padding=((max_k // 2, max_k // 2),),
+            dimension_numbers=("NWC", "WIO", "NWC"),
+        )
+        y = y + bias.astype(dtype)
+        splits = np.cumsum([k.shape[-1] for k, _ in weights])[:-1]
+        for branch, part in zip(group, jnp.split(y, splits, axis=-1), strict=True):
+            outputs.append(branch(part, train))
+
+        x = jnp.concatenate(outputs, axis=-1)  # (B, T, 29 * C)
+        fan_in = FRONT_END_MULTIPLIER * c
+        x = nn.Conv(
+            cfg.width,
+            (1,),
+            dtype=dtype,
+            kernel_init=torch_uniform_init(fan_in),
+            bias_init=torch_uniform_init(fan_in),
+            name="conv1x1",
+        )(x)
+        x = BatchNorm(self.axis_name, name="bn")(x, train)
+        return nn.relu(x)
+
+
+def layer_norm(x: Array) -> Array:
+    """BERT LayerNorm (eps 1e-12) under the key `LayerNorm`, computed in float32."""
+    y = nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.float32, name="LayerNorm")(x.astype(jnp.float32))
+    return y.astype(x.dtype)
+
+
+class SelfAttention(nn.Module):
+    """BERT self-attention; returns the context and the attention probabilities (B, heads, S, S).
+
+    `probs_override`, if given, replaces the softmax output: the tag-wise contribution maps of
+    the paper swap one-hot attention into a layer this way.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, x: Array, train: bool, probs_override: Array | None = None
+    ) -> tuple[Array, Array]:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        head_dim = cfg.width // cfg.num_heads
+
+        def heads(name: str) -> Array:
+            y = dense(cfg.width, cfg.width, dtype, name)(x)
+            return y.reshape(*y.shape[:-1], cfg.num_heads, head_dim)
+
+        q, k, v = heads("query"), heads("key"), heads("value")
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        if probs_override is not None:
+            probs = jnp.broadcast_to(probs_override.astype(jnp.float32), probs.shape)
+        dropped = nn.Dropout(cfg.attention_dropout, deterministic=not train)(probs)
+        context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(dtype), v)
+        return context.reshape(*context.shape[:-2], cfg.width), probs
+
+
+class ResidualOutput(nn.Module):
+    """BERT's `output` blocks: dense -> dropout -> LayerNorm(h + residual)."""
+
+    config: ModelConfig
+    fan_in: int
+
+    @nn.compact
+    def __call__(self, h: Array, residual: Array, train: bool) -> Array:
+        cfg = self.config
+        h = dense(cfg.width, self.fan_in, jnp.dtype(cfg.dtype), "dense")(h)
+        h = nn.Dropout(cfg.hidden_dropout, deterministic=not train)(h)
+        return layer_norm(h + residual)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, x: Array, train: bool, probs_override: Array | None = None
+    ) -> tuple[Array, Array]:
+        context, probs = SelfAttention(self.config, name="self")(x, train, probs_override)
+        return ResidualOutput(self.config, self.config.width, name="output")(
+            context, x, train
+        ), probs
+
+
+class Intermediate(nn.Module):
+    """BERT's feed-forward expansion with the exact (erf) GELU."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        h = dense(cfg.ffn_size, cfg.width, jnp.dtype(cfg.dtype), "dense")(x)
+        return nn.gelu(h, approximate=False)
+
+
+class EncoderLayer(nn.Module):
+    """A post-LN BERT layer."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, x: Array, train: bool, probs_override: Array | None = None
+    ) -> tuple[Array, Array]:
+        cfg = self.config
+        attended, probs = Attention(cfg, name="attention")(x, train, probs_override)
+        hidden = Intermediate(cfg, name="intermediate")(attended)
+        return ResidualOutput(cfg, cfg.ffn_size, name="output")(hidden, attended, train), probs
+
+
+class Encoder(nn.Module):
+    """The stack of encoder layers; returns the last hidden states and every layer's attention."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, x: Array, train: bool, attention_override: tuple[int, Array] | None = None
+    ) -> tuple[Array, list[Array]]:
+        attentions = []
+        for i in range(self.config.num_layers):
+            override = None
+            if attention_override is not None and attention_override[0] == i:
+                override = attention_override[1]
+            x, probs = EncoderLayer(self.config, name=f"layer_{i}")(x, train, override)
+            attentions.append(probs)
+        return x, attentions
+
+
+class MTSA(nn.Module):
+    """The full tagger: log-mel (B, n_mels, T) -> tag logits (B, num_tags).
+
+    Sigmoid is left to callers (the loss works on logits for stability). With
+    `return_attention=True` it also returns every layer's attention probabilities, a list of
+    (B, heads, T + 1, T + 1) arrays. `attention_override=(layer, probs)` replaces that layer's
+    attention probabilities (broadcast to (B, heads, S, S)).
+    """
+
+    config: ModelConfig
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        mel: Array,
+        train: bool = False,
+        return_attention: bool = False,
+        attention_override: tuple[int, Array] | None = None,
+    ) -> Array | tuple[Array, list[Array]]:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        x = FrontEnd(cfg, self.axis_name, name="front_end")(mel, train)  # (B, T, width)
+
+        cls = jnp.broadcast_to(
+            jnp.asarray(cls_vector(cfg.width), dtype), (x.shape[0], 1, cfg.width)
+        )
+        x = jnp.concatenate([cls, x], axis=1)  # (B, S = T + 1, width)
+        seq_len = x.shape[1]
+        if seq_len > cfg.positions_length:
+            raise ValueError(
+                f"sequence of {seq_len} tokens (frames + CLS) exceeds positions_length "
+                f"{cfg.positions_length}"
+            )
+        if cfg.positions == "learned":
+            x = Embedding(cfg, name="embedding")(x, train)
+        else:
+            x = x + jnp.asarray(sinusoidal_table(cfg.positions_length, cfg.width)[:seq_len], dtype)
+
+        x, attentions = Encoder(cfg, name="encoder")(x, train, attention_override)
+
+        pooled = jnp.tanh(dense(cfg.width, cfg.width, dtype, "pooler")(x[:, 0]))
+        pooled = nn.Dropout(cfg.classifier_dropout, deterministic=not train)(pooled)
+        logits = dense(cfg.num_tags, cfg.width, dtype, "classifier")(pooled).astype(jnp.float32)
+        if return_attention:
+            return logits, attentions
+        return logits
+
+
+class Embedding(nn.Module):
+    """Learned positions (released weights): add the table, LayerNorm, dropout."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        cfg = self.config
+        table = self.param(
+            "position_embeddings",
+            nn.initializers.normal(1.0),  # nn.Embedding's N(0, 1)
+            (cfg.positions_length, cfg.width),
+            jnp.float32,
+        )
+        x = x + table[: x.shape[1]].astype(x.dtype)
+        x = layer_norm(x)
+        return nn.Dropout(cfg.hidden_dropout, deterministic=not train)(x)
+
+
+def init_variables(config: ModelConfig, rng: Array, frames: int = 256) -> dict[str, Any]:
+    """Fresh {'params', 'batch_stats'} as plain nested dicts."""
+    model = MTSA(config)
+    mel = jnp.zeros((1, config.n_mels, frames), jnp.float32)
+    variables = jax.jit(lambda r: model.init(r, mel, train=False))(rng)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def count_params(params: Any) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params)))
