@@ -1,0 +1,190 @@
+"""Evaluation: the 16-chunk protocol over a split, macro and per-tag ROC-AUC / PR-AUC.
+
+The model scores every chunk of a clip, the sigmoid outputs are averaged over the chunks, then
+scikit-learn scores each tag. A tag with no positive (or no negative) clip in the split has no
+defined ROC-AUC; it is reported and left out of the macro averages instead of crashing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+from tqdm import tqdm
+
+from jaxtag.model import MTSA
+
+PredictFn = Callable[[Any, jax.Array], jax.Array]
+
+
+def make_predict_fn(model: MTSA, axis_name: str = "batch") -> PredictFn:
+    """A pmapped fn: (replicated variables, mel [devices, clips, chunks, F, T]) -> probs [d, c, tags].
+
+    Chunks of a clip are scored as one batch and their sigmoid outputs averaged.
+    """
+
+    def predict(variables: Any, mel: jax.Array) -> jax.Array:
+        clips, chunks = mel.shape[:2]
+        logits = model.apply(variables, mel.reshape(clips * chunks, *mel.shape[2:]), train=False)
+        return jax.nn.sigmoid(logits).reshape(clips, chunks, -1).mean(axis=1)
+
+    return jax.pmap(predict, axis_name=axis_name)
+
+
+def predict_dataset(
+    predict_fn: PredictFn,
+    replicated_variables: Any,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    total: int | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Runs `predict_fn` over evaluation batches; returns (probs, labels) of the unmasked clips."""
+    all_probs, all_labels = [], []
+    for batch in tqdm(batches, total=total, desc="evaluate", unit="batch", disable=not progress):
+        probs = np.asarray(predict_fn(replicated_variables, jnp.asarray(batch["mel"])))
+        mask = np.asarray(batch["mask"]).reshape(-1).astype(bool)
+        all_probs.append(probs.reshape(-1, probs.shape[-1])[mask])
+        all_labels.append(np.asarray(batch["tags"]).reshape(-1, probs.shape[-1])[mask])
+    if not all_probs:
+        raise ValueError("the evaluation split yielded no clips")
+    return gather_processes(np.concatenate(all_probs)), gather_processes(np.concatenate(all_labels))
+
+
+def gather_processes(x: np.ndarray) -> np.ndarray:
+    """Concatenates each process's rows (multi-host evaluation); identity on one process."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    counts = np.asarray(multihost_utils.process_allgather(np.array([len(x)]))).reshape(-1)
+    padded = np.zeros((counts.max(), *x.shape[1:]), x.dtype)
+    padded[: len(x)] = x
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([gathered[i, :n] for i, n in enumerate(counts)])
+
+
+def compute_metrics(probs: np.ndarray, labels: np.ndarray, tag_names: list[str]) -> dict[str, Any]:
+    """Macro ROC-AUC / PR-AUC over the tags that have both classes, plus per-tag scores."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels) > 0.5
+    if probs.shape != labels.shape or probs.shape[1] != len(tag_names):
+        raise ValueError(f"probs {probs.shape}, labels {labels.shape}, {len(tag_names)} tags")
+    per_tag: dict[str, dict[str, float | int | None]] = {}
+    excluded = []
+    for i, tag in enumerate(tag_names):
+        positives = int(labels[:, i].sum())
+        entry: dict[str, float | int | None] = {
+            "positives": positives,
+            "roc_auc": None,
+            "pr_auc": None,
+        }
+        if 0 < positives < len(labels):
+            entry["roc_auc"] = float(roc_auc_score(labels[:, i], probs[:, i]))
+            entry["pr_auc"] = float(average_precision_score(labels[:, i], probs[:, i]))
+        else:
+            excluded.append(tag)
+        per_tag[tag] = entry
+    scored = [e for e in per_tag.values() if e["roc_auc"] is not None]
+    return {
+        "roc_auc": float(np.mean([e["roc_auc"] for e in scored])) if scored else float("nan"),
+        "pr_auc": float(np.mean([e["pr_auc"] for e in scored])) if scored else float("nan"),
+        "num_clips": int(len(labels)),
+        "num_tags_scored": len(scored),
+        "excluded_tags": excluded,
+        "per_tag": per_tag,
+    }
+
+
+def format_table(metrics: Mapping[str, Any]) -> str:
+    """A plain-text report: one row per tag, then the macro averages."""
+    lines = [f"{'tag':<20} {'positives':>9} {'ROC-AUC':>8} {'PR-AUC':>8}"]
+    for tag, entry in metrics["per_tag"].items():
+        roc = "-" if entry["roc_auc"] is None else f"{entry['roc_auc']:.4f}"
+        pr = "-" if entry["pr_auc"] is None else f"{entry['pr_auc']:.4f}"
+        lines.append(f"{tag:<20} {entry['positives']:>9} {roc:>8} {pr:>8}")
+    lines.append("-" * 48)
+    lines.append(
+        f"{'macro':<20} {metrics['num_clips']:>9} {metrics['roc_auc']:>8.4f} {metrics['pr_auc']:>8.4f}"
+    )
+    if metrics["excluded_tags"]:
+        lines.append(
+            "left out of the macro average (no positive or no negative clip): "
+            + ", ".join(metrics["excluded_tags"])
+        )
+    return "\n".join(lines)
+
+
+def summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The scalar part of a metrics dict (for logs and checkpoint metadata)."""
+    return {k: v for k, v in metrics.items() if k != "per_tag"}
+
+
+def evaluate_split(
+    model: MTSA,
+    variables: Mapping[str, Any],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    tag_names: list[str],
+    total: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Host-side variables in, metrics out: replicates, predicts every clip, scores."""
+    replicated = flax.jax_utils.replicate(dict(variables))
+    probs, labels = predict_dataset(make_predict_fn(model), replicated, batches, total, progress)
+    return compute_metrics(probs, labels, tag_names)
+
+
+def write_report(metrics: Mapping[str, Any], path: str) -> None:
+    """Writes the metrics as JSON atomically (temp file + rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+        json.dump(metrics, f, indent=2)
+        tmp = f.name
+    os.replace(tmp, path)
+
+
+def evaluate_checkpoint(
+    checkpoint_path: str,
+    dataset: str,
+    data_dir: str,
+    split: str = "test",
+    batch_size: int = 8,
+    prefer: str = "best",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Loads any jaxtag checkpoint and scores it on a built dataset split.
+
+    The model's outputs are matched to the dataset's tags by name, so a model whose tag order
+    differs from the dataset's (the released weights vs a by-count build) is scored correctly.
+    """
+    from jaxtag import checkpoint, input_pipeline
+
+    loaded = checkpoint.load_model(checkpoint_path, prefer)
+    builder = input_pipeline.get_builder(dataset, data_dir)
+    dataset_tags = input_pipeline.tag_names(builder)
+    missing = [t for t in dataset_tags if t not in loaded.tags]
+    if missing:
+        raise ValueError(f"{loaded.path}: the model has no output for dataset tags {missing}")
+    order = np.array([loaded.tags.index(t) for t in dataset_tags])
+    n_clips = input_pipeline.num_examples(builder, split)
+    batches = input_pipeline.eval_iterator(
+        builder,
+        split,
+        batch_size=batch_size,
+        num_local_devices=jax.local_device_count(),
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    replicated = flax.jax_utils.replicate(loaded.variables)
+    predict_fn = make_predict_fn(MTSA(loaded.config))
+    total = -(-n_clips // (batch_size * jax.process_count()))
+    probs, labels = predict_dataset(predict_fn, replicated, batches, total, progress)
+    metrics = compute_metrics(probs[:, order], labels, dataset_tags)
+    return {"checkpoint": str(loaded.path), "dataset": dataset, "split": split, **metrics}
