@@ -3,7 +3,8 @@
     python run_train.py --config configs/mtat.py --workdir runs/mtat \
         --config.data_dir ~/tensorflow_datasets --config.global_batch_size 32
 
-Any config field can be overridden with --config.FIELD=VALUE (nested: --config.model.dtype=bfloat16).
+Any config field can be overridden with --config.FIELD=VALUE
+(nested fields too: --config.model.dtype=bfloat16).
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 """
 

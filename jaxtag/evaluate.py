@@ -26,7 +26,7 @@ PredictFn = Callable[[Any, jax.Array], jax.Array]
 
 
 def make_predict_fn(model: MTSA, axis_name: str = "batch") -> PredictFn:
-    """A pmapped fn: (replicated variables, mel [devices, clips, chunks, F, T]) -> probs [d, c, tags].
+    """Pmapped (replicated variables, mel [dev, clips, chunks, F, T]) -> probs [dev, clips, tags].
 
     Chunks of a clip are scored as one batch and their sigmoid outputs averaged.
     """
@@ -111,7 +111,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
         lines.append(f"{tag:<20} {entry['positives']:>9} {roc:>8} {pr:>8}")
     lines.append("-" * 48)
     lines.append(
-        f"{'macro':<20} {metrics['num_clips']:>9} {metrics['roc_auc']:>8.4f} {metrics['pr_auc']:>8.4f}"
+        f"{'macro':<20} {metrics['num_clips']:>9} "
+        f"{metrics['roc_auc']:>8.4f} {metrics['pr_auc']:>8.4f}"
     )
     if metrics["excluded_tags"]:
         lines.append(

@@ -225,7 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             best_metric = meta["best_metric"]
         if is_main:
             print(
-                f"Resuming from {workdir} at step {start_step} (epoch {start_step // steps_per_epoch})."
+                f"Resuming from {workdir} at step {start_step} "
+                f"(epoch {start_step // steps_per_epoch})."
             )
     if is_main:
         with open(workdir / "config.json", "w") as f:
@@ -330,7 +331,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             if is_main:
                 bar.write(
                     f"epoch {epoch}: {config.eval_split} ROC-AUC {metrics_summary['roc_auc']:.4f} "
-                    f"PR-AUC {metrics_summary['pr_auc']:.4f} (best {best_metric:.4f} at step {best_step})"
+                    f"PR-AUC {metrics_summary['pr_auc']:.4f} "
+                    f"(best {best_metric:.4f} at step {best_step})"
                 )
             host = host_state(state)
             best.save(
