@@ -118,7 +118,7 @@ def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
-def dense(features: int, fan_in: int, dtype: Any, name: str) -> nn.Dense:
+def dense(features: int, fan_in: int, dtype: Any, name: str | None) -> nn.Dense:
     """A Linear layer initialised like PyTorch's."""
     init = torch_uniform_init(fan_in)
     return nn.Dense(features, dtype=dtype, kernel_init=init, bias_init=init, name=name)
@@ -287,27 +287,34 @@ def layer_norm(x: Array) -> Array:
 
 
 class SelfAttention(nn.Module):
-    """BERT self-attention; returns the context and the attention probabilities (B, heads, S, S).
+    """BERT self-attention; returns the context and the attention probabilities.
 
-    `probs_override`, if given, replaces the softmax output: the tag-wise contribution maps of
-    the paper swap one-hot attention into a layer this way.
+    With `cls_only`, only token 0 (CLS) queries: the last layer's other outputs never reach the
+    pooler, so skipping them is exact and saves most of that layer's work. `probs_override`, if
+    given, replaces the softmax output (broadcast to (B, heads, queries, S)): the paper's tag-wise
+    contribution maps swap one-hot attention into a layer this way.
     """
 
     config: ModelConfig
 
     @nn.compact
     def __call__(
-        self, x: Array, train: bool, probs_override: Array | None = None
+        self,
+        x: Array,
+        train: bool,
+        probs_override: Array | None = None,
+        cls_only: bool = False,
     ) -> tuple[Array, Array]:
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         head_dim = cfg.width // cfg.num_heads
 
-        def heads(name: str) -> Array:
-            y = dense(cfg.width, cfg.width, dtype, name)(x)
+        def heads(name: str, inputs: Array) -> Array:
+            y = dense(cfg.width, cfg.width, dtype, name)(inputs)
             return y.reshape(*y.shape[:-1], cfg.num_heads, head_dim)
 
-        q, k, v = heads("query"), heads("key"), heads("value")
+        q = heads("query", x[:, :1] if cls_only else x)
+        k, v = heads("key", x), heads("value", x)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
         if probs_override is not None:
@@ -336,12 +343,16 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, train: bool, probs_override: Array | None = None
+        self,
+        x: Array,
+        train: bool,
+        probs_override: Array | None = None,
+        cls_only: bool = False,
     ) -> tuple[Array, Array]:
-        context, probs = SelfAttention(self.config, name="self")(x, train, probs_override)
-        return ResidualOutput(self.config, self.config.width, name="output")(
-            context, x, train
-        ), probs
+        context, probs = SelfAttention(self.config, name="self")(x, train, probs_override, cls_only)
+        residual = x[:, :1] if cls_only else x
+        output = ResidualOutput(self.config, self.config.width, name="output")
+        return output(context, residual, train), probs
 
 
 class Intermediate(nn.Module):
@@ -357,86 +368,22 @@ class Intermediate(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """A post-LN BERT layer."""
+    """A post-LN BERT layer. With `cls_only` it returns only token 0's output (B, 1, width)."""
 
     config: ModelConfig
-
-    @nn.compact
-    def __call__(
-        self, x: Array, train: bool, probs_override: Array | None = None
-    ) -> tuple[Array, Array]:
-        cfg = self.config
-        attended, probs = Attention(cfg, name="attention")(x, train, probs_override)
-        hidden = Intermediate(cfg, name="intermediate")(attended)
-        return ResidualOutput(cfg, cfg.ffn_size, name="output")(hidden, attended, train), probs
-
-
-class Encoder(nn.Module):
-    """The stack of encoder layers; returns the last hidden states and every layer's attention."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(
-        self, x: Array, train: bool, attention_override: tuple[int, Array] | None = None
-    ) -> tuple[Array, list[Array]]:
-        attentions = []
-        for i in range(self.config.num_layers):
-            override = None
-            if attention_override is not None and attention_override[0] == i:
-                override = attention_override[1]
-            x, probs = EncoderLayer(self.config, name=f"layer_{i}")(x, train, override)
-            attentions.append(probs)
-        return x, attentions
-
-
-class MTSA(nn.Module):
-    """The full tagger: log-mel (B, n_mels, T) -> tag logits (B, num_tags).
-
-    Sigmoid is left to callers (the loss works on logits for stability). With
-    `return_attention=True` it also returns every layer's attention probabilities, a list of
-    (B, heads, T + 1, T + 1) arrays. `attention_override=(layer, probs)` replaces that layer's
-    attention probabilities (broadcast to (B, heads, S, S)).
-    """
-
-    config: ModelConfig
-    axis_name: str | None = None
 
     @nn.compact
     def __call__(
         self,
-        mel: Array,
-        train: bool = False,
-        return_attention: bool = False,
-        attention_override: tuple[int, Array] | None = None,
-    ) -> Array | tuple[Array, list[Array]]:
+        x: Array,
+        train: bool,
+        probs_override: Array | None = None,
+        cls_only: bool = False,
+    ) -> tuple[Array, Array]:
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        x = FrontEnd(cfg, self.axis_name, name="front_end")(mel, train)  # (B, T, width)
-
-        cls = jnp.broadcast_to(
-            jnp.asarray(cls_vector(cfg.width), dtype), (x.shape[0], 1, cfg.width)
-        )
-        x = jnp.concatenate([cls, x], axis=1)  # (B, S = T + 1, width)
-        seq_len = x.shape[1]
-        if seq_len > cfg.positions_length:
-            raise ValueError(
-                f"sequence of {seq_len} tokens (frames + CLS) exceeds positions_length "
-                f"{cfg.positions_length}"
-            )
-        if cfg.positions == "learned":
-            x = Embedding(cfg, name="embedding")(x, train)
-        else:
-            x = x + jnp.asarray(sinusoidal_table(cfg.positions_length, cfg.width)[:seq_len], dtype)
-
-        x, attentions = Encoder(cfg, name="encoder")(x, train, attention_override)
-
-        pooled = jnp.tanh(dense(cfg.width, cfg.width, dtype, "pooler")(x[:, 0]))
-        pooled = nn.Dropout(cfg.classifier_dropout, deterministic=not train)(pooled)
-        logits = dense(cfg.num_tags, cfg.width, dtype, "classifier")(pooled).astype(jnp.float32)
-        if return_attention:
-            return logits, attentions
-        return logits
+        attended, probs = Attention(cfg, name="attention")(x, train, probs_override, cls_only)
+        hidden = Intermediate(cfg, name="intermediate")(attended)
+        return ResidualOutput(cfg, cfg.ffn_size, name="output")(hidden, attended, train), probs
 
 
 class Embedding(nn.Module):
@@ -456,6 +403,115 @@ class Embedding(nn.Module):
         x = x + table[: x.shape[1]].astype(x.dtype)
         x = layer_norm(x)
         return nn.Dropout(cfg.hidden_dropout, deterministic=not train)(x)
+
+
+class Encoder(nn.Module):
+    """The stack of encoder layers, runnable from any layer (see `MTSA.tag_contributions`)."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        self.layer = [EncoderLayer(self.config) for _ in range(self.config.num_layers)]
+
+    def __call__(
+        self,
+        x: Array,
+        train: bool,
+        first_layer: int = 0,
+        attention_override: tuple[int, Array] | None = None,
+        full_last_layer: bool = False,
+    ) -> tuple[Array, list[Array]]:
+        """Runs layers first_layer.. on x; returns CLS states (B, width) and the attentions.
+
+        The last layer computes only the CLS query unless `full_last_layer` (for its full map).
+        """
+        attentions = []
+        last = self.config.num_layers - 1
+        for i in range(first_layer, self.config.num_layers):
+            override = None
+            if attention_override is not None and attention_override[0] == i:
+                override = attention_override[1]
+            cls_only = i == last and not full_last_layer
+            x, probs = self.layer[i](x, train, override, cls_only)
+            attentions.append(probs)
+        return x[:, 0], attentions
+
+    def prefix(self, x: Array, stop_layer: int) -> Array:
+        """Hidden states after layers 0..stop_layer-1 (eval mode), all tokens."""
+        for i in range(stop_layer):
+            x, _ = self.layer[i](x, False)
+        return x
+
+
+class MTSA(nn.Module):
+    """The full tagger: log-mel (B, n_mels, T) -> tag logits (B, num_tags).
+
+    Sigmoid is left to callers (the loss works on logits for stability). With
+    `return_attention=True` it also returns every layer's attention probabilities, a list of
+    (B, heads, S, S) arrays with S = T + 1. `attention_override=(layer, probs)` replaces that
+    layer's attention probabilities (broadcast to (B, heads, S, S)). There is no batch-size
+    limit (the original tiles its CLS vector to 32 rows).
+    """
+
+    config: ModelConfig
+    axis_name: str | None = None
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.front_end = FrontEnd(cfg, self.axis_name)
+        if cfg.positions == "learned":
+            self.embedding = Embedding(cfg)
+        self.encoder = Encoder(cfg)
+        self.pooler = dense(cfg.width, cfg.width, jnp.dtype(cfg.dtype), None)
+        self.dropout = nn.Dropout(cfg.classifier_dropout)
+        self.classifier = dense(cfg.num_tags, cfg.width, jnp.dtype(cfg.dtype), None)
+
+    def __call__(
+        self,
+        mel: Array,
+        train: bool = False,
+        return_attention: bool = False,
+        attention_override: tuple[int, Array] | None = None,
+    ) -> Array | tuple[Array, list[Array]]:
+        x = self.embed(mel, train)
+        full = return_attention or attention_override is not None
+        cls, attentions = self.encoder(x, train, 0, attention_override, full_last_layer=full)
+        logits = self.classify(cls, train)
+        return (logits, attentions) if return_attention else logits
+
+    def embed(self, mel: Array, train: bool = False) -> Array:
+        """Front end, CLS token and positions: (B, n_mels, T) -> (B, T + 1, width)."""
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        x = self.front_end(mel, train)  # (B, T, width)
+        cls = jnp.broadcast_to(
+            jnp.asarray(cls_vector(cfg.width), dtype), (x.shape[0], 1, cfg.width)
+        )
+        x = jnp.concatenate([cls, x], axis=1)
+        seq_len = x.shape[1]
+        if seq_len > cfg.positions_length:
+            raise ValueError(
+                f"sequence of {seq_len} tokens (frames + CLS) exceeds positions_length "
+                f"{cfg.positions_length}"
+            )
+        if cfg.positions == "learned":
+            return self.embedding(x, train)
+        return x + jnp.asarray(sinusoidal_table(cfg.positions_length, cfg.width)[:seq_len], dtype)
+
+    def classify(self, cls: Array, train: bool = False) -> Array:
+        """Pooler (tanh) on the CLS state, dropout, classifier: (B, width) -> logits (B, tags)."""
+        pooled = jnp.tanh(self.pooler(cls))
+        pooled = self.dropout(pooled, deterministic=not train)
+        return self.classifier(pooled).astype(jnp.float32)
+
+    def hidden_before(self, mel: Array, layer: int) -> Array:
+        """Eval-mode hidden states entering encoder layer `layer` (B, S, width)."""
+        return self.encoder.prefix(self.embed(mel), layer)
+
+    def logits_with_attention(self, hidden: Array, layer: int, probs: Array) -> Array:
+        """Eval-mode logits when layer `layer`, fed `hidden`, uses attention `probs`."""
+        cls, _ = self.encoder(hidden, False, layer, (layer, probs))
+        return self.classify(cls)
 
 
 def init_variables(config: ModelConfig, rng: Array, frames: int = 256) -> dict[str, Any]:
