@@ -17,6 +17,8 @@ COMMANDS = {
         "convert the released PyTorch weights (ponswon.pth) to a checkpoint",
     ),
     "info": ("jaxtag.info", "print a checkpoint's model config, tags and parameter count"),
+    "tag": ("jaxtag.inference", "tag audio files (whole-file and per-window predictions)"),
+    "explain": ("jaxtag.explain", "draw attention and tag-wise contribution heat maps for a chunk"),
 }
 
 
