@@ -1,0 +1,141 @@
+"""Shared fixtures: PyTorch reference models with random weights, their saved files, conversions.
+
+Everything expensive is built once per session and cached by name, so any test module (parity,
+converter, train-step parity, attention explanations) can ask for the same reference model:
+
+    def test_x(reference_factory):
+        ref = reference_factory("released")      # ReferenceCase: torch model, files, config
+        mel = reference_mel()                     # (40, 96, 256) dB-scaled float32
+        probs, attentions = ref.forward(mel)      # numpy, eval mode
+        ckpt = converted_factory("released", "legacy")   # a converted jaxtag checkpoint dir
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from jaxtag.convert import convert_file
+from tests import torch_reference as ref
+
+DATA_DIR = Path(__file__).parent / "data"
+CONFIGS = {"released": ref.RELEASED, "conv16": ref.CONV16}
+LAYOUTS = {
+    "released": DATA_DIR / "ponswon_state_dict_layout.json",
+    "conv16": DATA_DIR / "pons_won_conv16_state_dict_layout.json",
+}
+SEEDS = {"released": 1, "conv16": 2}
+FORMATS = ("legacy", "zip")
+BATCH = 40  # more than the original's 32-item limit
+QK_GAIN = 1.5  # query/key weights over the default init scale: attention peaked, not uniform
+
+
+@dataclasses.dataclass(eq=False)  # hashable by identity: one case per name per session
+class ReferenceCase:
+    name: str
+    config: ref.ReferenceConfig
+    model: nn.DataParallel  # eval mode, random weights, `module.` keys
+    files: dict[str, Path]  # format ("legacy" / "zip") -> saved state dict
+    layout: Path  # the state_dict layout JSON of the original code for this config
+
+    def forward(self, mel: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Sigmoid outputs and every layer's attention probabilities, in eval mode."""
+        with torch.no_grad():
+            probs, attentions = self.model(torch.tensor(np.asarray(mel, np.float32)))
+        return probs.numpy(), [a.numpy() for a in attentions]
+
+
+def log_mel_like(batch: int, seed: int = 0, n_mels: int = 96, frames: int = 256) -> np.ndarray:
+    """Random spectrograms with the range and smoothness of log-mel dB values (~ -80 .. +40)."""
+    rng = np.random.RandomState(seed)
+    level = rng.uniform(-50, 0, (batch, 1, 1))
+    spectrum = np.cumsum(rng.normal(0, 3, (batch, n_mels, 1)), axis=1)  # per-band colour
+    frames_noise = rng.normal(0, 12, (batch, n_mels, frames))
+    return np.clip(level + spectrum + frames_noise, -80, 40).astype(np.float32)
+
+
+def _scaled_normal(gen: torch.Generator, shape: torch.Size, std: float) -> torch.Tensor:
+    return torch.randn(shape, generator=gen) * std
+
+
+def randomize_(model: nn.Module, seed: int) -> None:
+    """Random weights and non-trivial BatchNorm running statistics, at sensible scales.
+
+    Affine BN/LN parameters and running means/variances all move away from their 1/0 defaults so
+    a converter that drops or swaps any of them fails the parity tests. Query/key weights are
+    larger than the default init so the attention maps are peaked, not near-uniform. The input
+    BatchNorm gets statistics of dB values, so the front end sees unit-scale inputs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+                n = module.num_features
+                module.weight.copy_(1 + _scaled_normal(gen, (n,), 0.3))
+                module.bias.copy_(_scaled_normal(gen, (n,), 0.2))
+                module.running_mean.copy_(_scaled_normal(gen, (n,), 0.3))
+                module.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=gen))
+                module.num_batches_tracked.fill_(int(torch.randint(1, 10**6, (1,), generator=gen)))
+            elif isinstance(module, nn.LayerNorm):
+                n = module.normalized_shape[0]
+                module.weight.copy_(1 + _scaled_normal(gen, (n,), 0.2))
+                module.bias.copy_(_scaled_normal(gen, (n,), 0.1))
+            elif isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d):
+                fan_in = math.prod(module.weight.shape[1:])
+                gain = QK_GAIN if name.endswith(("query", "key")) else 1.0
+                module.weight.copy_(_scaled_normal(gen, module.weight.shape, gain / fan_in**0.5))
+                module.bias.copy_(_scaled_normal(gen, module.bias.shape, 0.1))
+            elif isinstance(module, nn.Embedding):
+                module.weight.copy_(_scaled_normal(gen, module.weight.shape, 0.5))
+        input_bn = getattr(model, "module", model).front_end.input_bn
+        input_bn.running_mean.fill_(-25.0 + 5 * float(torch.randn(1, generator=gen)))
+        input_bn.running_var.fill_((18.0 + 4 * float(torch.rand(1, generator=gen))) ** 2)
+
+
+def build_reference(name: str, directory: Path) -> ReferenceCase:
+    """A wrapped reference model of config `name`, randomised and saved in both formats."""
+    torch.manual_seed(SEEDS[name])
+    model = ref.wrap(ref.MTSA(CONFIGS[name]))
+    randomize_(model, SEEDS[name])
+    model.eval()
+    files = {}
+    for fmt in FORMATS:
+        files[fmt] = directory / f"{name}_{fmt}.pth"
+        torch.save(model.state_dict(), files[fmt], _use_new_zipfile_serialization=fmt == "zip")
+    return ReferenceCase(name, CONFIGS[name], model, files, LAYOUTS[name])
+
+
+@pytest.fixture(scope="session")
+def reference_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], ReferenceCase]:
+    """name ("released" / "conv16") -> its ReferenceCase, built once per session."""
+    directory = tmp_path_factory.mktemp("reference")
+    return functools.cache(lambda name: build_reference(name, directory))
+
+
+@pytest.fixture(scope="session")
+def converted_factory(
+    reference_factory: Callable[[str], ReferenceCase], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str, str], Path]:
+    """(name, format) -> a jaxtag checkpoint converted from that reference file, once each."""
+    directory = tmp_path_factory.mktemp("converted")
+
+    @functools.cache
+    def convert(name: str, fmt: str) -> Path:
+        path, _ = convert_file(reference_factory(name).files[fmt], directory / f"{name}_{fmt}")
+        return path
+
+    return convert
+
+
+@pytest.fixture(scope="session")
+def reference_mel() -> np.ndarray:
+    """The shared parity input: (BATCH, 96, 256) float32 in the dB range."""
+    return log_mel_like(BATCH)
