@@ -232,11 +232,16 @@ def convert_file(
     except TorchFileError as err:
         raise ConversionError(str(err)) from err
     state = unwrap(obj, str(source))
-    config = infer_config(state, num_heads)
-    variables = convert_state_dict(state, config)
-    tags = default_tags(config.num_tags) if tags is None else list(tags)
-    if len(tags) != config.num_tags:
-        raise ConversionError(f"{len(tags)} tag names for a model with {config.num_tags} outputs")
+    try:
+        config = infer_config(state, num_heads)
+        variables = convert_state_dict(state, config)
+        tags = default_tags(config.num_tags) if tags is None else list(tags)
+        if len(tags) != config.num_tags:
+            raise ConversionError(
+                f"{len(tags)} tag names for a model with {config.num_tags} outputs"
+            )
+    except ConversionError as err:
+        raise ConversionError(f"{source}: {err}") from err
     path = save_model(
         out_dir,
         variables,
