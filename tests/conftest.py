@@ -3,15 +3,16 @@
 Everything expensive is built once per session and cached by name, so any test module (parity,
 converter, train-step parity, attention explanations) can ask for the same reference model:
 
-    def test_x(reference_factory):
-        ref = reference_factory("released")      # ReferenceCase: torch model, files, config
-        mel = reference_mel()                     # (40, 96, 256) dB-scaled float32
-        probs, attentions = ref.forward(mel)      # numpy, eval mode
+    def test_x(reference_factory, converted_factory, reference_mel):
+        case = reference_factory("released")      # ReferenceCase: torch model, files, config
+        probs, attentions = case.forward(reference_mel)  # numpy, eval mode, (40, 96, 256) input
         ckpt = converted_factory("released", "legacy")   # a converted jaxtag checkpoint dir
+        model = case.copy_model()                 # train this one, never the shared case.model
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -52,9 +53,13 @@ class ReferenceCase:
             probs, attentions = self.model(torch.tensor(np.asarray(mel, np.float32)))
         return probs.numpy(), [a.numpy() for a in attentions]
 
+    def copy_model(self) -> nn.DataParallel:
+        """An independent copy (same weights and statistics) for tests that train or mutate."""
+        return copy.deepcopy(self.model)
+
 
 def log_mel_like(batch: int, seed: int = 0, n_mels: int = 96, frames: int = 256) -> np.ndarray:
-    """Random spectrograms with the range and smoothness of log-mel dB values (~ -80 .. +40)."""
+    """Random spectrograms in the range of log-mel dB values (-80 .. +40), with per-band colour."""
     rng = np.random.RandomState(seed)
     level = rng.uniform(-50, 0, (batch, 1, 1))
     spectrum = np.cumsum(rng.normal(0, 3, (batch, n_mels, 1)), axis=1)  # per-band colour

@@ -193,3 +193,27 @@ def test_refuses_arbitrary_callables(tmp_path):
     (tmp_path / "evil.pth").write_bytes(out.getvalue())
     _expect_error(tmp_path / "evil.pth", r"refusing to load '(posix|nt)\.system'")
     assert not marker.exists()
+
+
+def test_big_endian_zip(tmp_path):
+    """Zip files carry their byte order; a big-endian writer's bytes are swapped on reading."""
+    tensors = {
+        "f": torch.tensor([1.5, -2.25]),
+        "h": torch.tensor([0.5, 3.0]).half(),
+        "l": torch.tensor([1, -(2**40)]),
+        "b": torch.tensor([True, False]),
+    }
+    little = _save(tensors, tmp_path / "little.pth", "zip")
+    itemsizes = {str(i): t.element_size() for i, t in enumerate(tensors.values())}
+    with zipfile.ZipFile(little) as src, zipfile.ZipFile(tmp_path / "big.pth", "w") as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            prefix, _, key = info.filename.rpartition("/")
+            if info.filename.endswith("/byteorder"):
+                data = b"big"
+            elif prefix.endswith("/data"):
+                data = np.frombuffer(data, f"u{itemsizes[key]}").byteswap().tobytes()
+            dst.writestr(info, data)
+    loaded = torch_file.load_state_dict(tmp_path / "big.pth")
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(loaded[key], value.numpy(), err_msg=key)
