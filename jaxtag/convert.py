@@ -254,11 +254,21 @@ def convert_file(
     return path, config
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="a PyTorch state dict file, e.g. ponswon.pth")
     parser.add_argument("out_dir", help="the checkpoint directory to write")
     parser.add_argument(
-        "--heads", type=int, default=8, help="attention heads (not visible in the weights)"
+        "--heads",
+        type=_positive_int,
+        default=8,
+        help="attention heads (not visible in the weights)",
     )
     parser.add_argument(
         "--tags", help="a file with one tag name per line (default: MTAT top-50 for 50 outputs)"

@@ -109,11 +109,15 @@ def test_wrappers_prefixes_and_counters_are_optional():
         jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
 
 
-def test_heads_flag_and_impossible_heads():
+def test_impossible_models_are_refused():
     state = unwrap(_layout_state("released"), "x")
     assert infer_config(state, num_heads=4).num_heads == 4
     with pytest.raises(ConversionError, match="not divisible by num_heads 7"):
         infer_config(state, num_heads=7)
+    key = "back_end.embedding.position_embeddings.weight"
+    state[key] = state[key][:200]  # too short for 256 frames + CLS
+    with pytest.raises(ConversionError, match="257 tokens .* exceeds positions_length 200"):
+        convert_state_dict(state, infer_config(state))
 
 
 def test_all_problems_are_listed_at_once():
