@@ -151,10 +151,12 @@ def test_zip_without_data_pkl(tmp_path):
     _expect_error(tmp_path / "other.zip", "without '<archive>/data.pkl'")
 
 
-def test_truncated_legacy_file(saved, tmp_path):
-    data = saved["legacy"].read_bytes()
-    (tmp_path / "short_data.pth").write_bytes(data[:-10])  # last storage incomplete
-    _expect_error(tmp_path / "short_data.pth", "truncated file: storage .* has 70 of 80 bytes")
+def test_truncated_legacy_file(tmp_path):
+    data = _save({"w": torch.zeros(20)}, tmp_path / "one.pth", "legacy").read_bytes()
+    (tmp_path / "short_data.pth").write_bytes(data[:-10])  # the only storage, 10 bytes short
+    _expect_error(tmp_path / "short_data.pth", r"truncated file: storage \d+ has 70 of 80 bytes")
+    (tmp_path / "no_data.pth").write_bytes(data[:-84])  # inside its element count
+    _expect_error(tmp_path / "no_data.pth", r"truncated file: storage \d+ is missing")
     (tmp_path / "short_pickle.pth").write_bytes(data[:200])  # inside the object pickle
     _expect_error(tmp_path / "short_pickle.pth", "truncated or corrupt PyTorch checkpoint")
 
