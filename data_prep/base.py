@@ -13,8 +13,10 @@ Every dataset has these features (plus the subclass's extras):
 - ``tags`` (float32 0/1, ``(num_tags,)``): multi-hot tag vector in ``tag_names`` order;
 - ``path`` (str): the source audio relative to the manual dir ('' for generated audio).
 
-``info.metadata`` holds ``tag_names`` (the order of ``tags``) and the build's skip report, so a
-reader needs nothing but the built files (``jaxtag.input_pipeline.tag_names``).
+``info.metadata`` holds ``tag_names`` (the order of ``tags``), so a reader needs nothing but the
+built files (``jaxtag.input_pipeline.tag_names``), and the build's report: ``num_skipped`` and
+``skipped`` (clip -> reason for unusable audio), ``dropped`` (reason -> count of clips left out by
+the dataset's definition) and ``audio_hours``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ from jaxtag import audio
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """Split names used by every builder (TFDS convention; MTAT's "valid" folder 'c' -> validation)."""
+
+MAX_SKIPPED_IN_METADATA = 1000
+"""Skipped clips named in ``info.metadata['skipped']`` (all are counted in ``num_skipped``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +120,7 @@ class MelDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         super().__init__(**kwargs)
         self.num_workers = num_workers
         self.report: common.BuildReport | None = None
+        self.cache_dir: str | None = None
 
     def _mel_info(
         self,
@@ -139,15 +145,14 @@ class MelDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         """Lists the clips to write. Raise ``common.ManualDirError`` if inputs are missing."""
         raise NotImplementedError
 
-    def _cache_dir(self, dl_manager: tfds.download.DownloadManager) -> str:
-        return os.path.join(os.fspath(dl_manager.download_dir), "mel_cache", self.name)
-
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         report = common.BuildReport()
         collection = self._collect(dl_manager)
+        # Under the data dir, per dataset (configs share it: same audio, same mels).
+        self.cache_dir = os.path.join(os.fspath(dl_manager.download_dir), "mel_cache", self.name)
         results = common.compute_mels(
             [c.job for c in collection.clips],
-            self._cache_dir(dl_manager),
+            self.cache_dir,
             num_workers=self.num_workers,
             desc=f"{self.name} log-mel",
         )
@@ -165,7 +170,8 @@ class MelDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         self.report = report
         self.info.metadata.update(
             tag_names=list(collection.tag_names),
-            skipped=dict(sorted(report.skipped.items())),
+            num_skipped=len(report.skipped),
+            skipped=dict(sorted(report.skipped.items())[:MAX_SKIPPED_IN_METADATA]),
             dropped=dict(report.dropped),
             audio_hours=round(report.audio_seconds / 3600, 4),
         )

@@ -51,6 +51,10 @@ class ManualDirError(FileNotFoundError):
     """The manual directory lacks something a builder needs; the message says what and where."""
 
 
+class DataError(ValueError):
+    """An input file (annotations, CSV, pickle) is malformed; the message names file and line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class MelJob:
     """One spectrogram to compute.

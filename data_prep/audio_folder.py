@@ -1,0 +1,140 @@
+"""``audio_folder``: your own folder of audio files plus a CSV of their tags.
+
+The manual dir holds the audio (wav, flac, ogg or mp3, in any sub-folders) and ``tags.csv`` with
+a header and the columns:
+
+- ``path``: the audio file, relative to the manual dir (``/`` separated);
+- ``tags``: the clip's tags separated by ``;`` or ``|`` (both are accepted, so tag names cannot
+  contain either), surrounding spaces ignored; e.g. ``rock; guitar|male vocal``;
+- ``split`` (optional): ``train``, ``validation`` (or ``valid``/``val``) or ``test``. Rows without
+  one are split by a hash of their path: the first 8 hex digits of md5(path) modulo 100 gives
+  < 80 train, < 90 validation, else test (80/10/10, stable when rows are added or removed).
+
+Vocabulary: the most frequent tags first (ties alphabetical), at most ``max_tags`` of them
+(config ``top50``, the default: 50; config ``all``: every tag). Clips with none of the vocabulary's
+tags are dropped (as MagnaTagATune's are), and counted in the build report. The tag names are in
+``info.metadata['tag_names']``.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import hashlib
+import os
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_prep import base, common
+
+CSV_NAME = "tags.csv"
+_SPLIT_ALIASES = {
+    "train": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "test": "test",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    path: str
+    tags: tuple[str, ...]
+    split: str
+
+
+def hash_split(path: str) -> str:
+    """80/10/10 train/validation/test from md5 of the relative path (deterministic)."""
+    bucket = int(hashlib.md5(path.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "train" if bucket < 80 else "validation" if bucket < 90 else "test"
+
+
+def split_tags(text: str) -> tuple[str, ...]:
+    """``'a; b|c'`` -> ``('a', 'b', 'c')``: split on ``;``/``|``, strip, drop empties, repeats."""
+    return tuple(dict.fromkeys(t.strip() for t in re.split(r"[;|]", text) if t.strip()))
+
+
+def read_tags_csv(path: str) -> list[Row]:
+    """Parses the CSV; errors name the file and line."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in ("path", "tags") if c not in columns]
+        if missing:
+            raise common.DataError(f"{path}: missing column(s) {missing}; found {columns}")
+        rows, seen = [], set()
+        for line, rec in enumerate(reader, start=2):
+            rel = (rec["path"] or "").strip().replace("\\", "/")
+            if not rel:
+                raise common.DataError(f"{path}:{line}: empty path")
+            if rel in seen:
+                raise common.DataError(f"{path}:{line}: {rel} is listed twice")
+            seen.add(rel)
+            split_text = (rec.get("split") or "").strip().lower()
+            if split_text and split_text not in _SPLIT_ALIASES:
+                raise common.DataError(
+                    f"{path}:{line}: unknown split {split_text!r} (use train/validation/test)"
+                )
+            split = _SPLIT_ALIASES[split_text] if split_text else hash_split(rel)
+            rows.append(Row(rel, split_tags(rec["tags"] or ""), split))
+    return rows
+
+
+def vocabulary(rows: list[Row], max_tags: int | None) -> list[str]:
+    """Tags by descending count, ties alphabetical, at most ``max_tags``."""
+    counts = collections.Counter(t for r in rows for t in r.tags)
+    ordered = sorted(counts, key=lambda t: (-counts[t], t))
+    return ordered if max_tags is None else ordered[:max_tags]
+
+
+@dataclasses.dataclass
+class AudioFolderConfig(tfds.core.BuilderConfig):
+    """``max_tags``: vocabulary size limit (None: all tags)."""
+
+    max_tags: int | None = 50
+
+
+class AudioFolder(base.MelDatasetBuilder):
+    """A folder of audio files with a ``tags.csv`` (see the module doc)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [
+        AudioFolderConfig(name="top50", description="The 50 most frequent tags.", max_tags=50),
+        AudioFolderConfig(name="all", description="Every tag in the CSV.", max_tags=None),
+    ]
+    DEFAULT_CONFIG_NAME = "top50"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+    Pass your folder of audio files as --manual_dir. It must contain {CSV_NAME} with the columns
+    path,tags[,split]: path relative to the folder, tags separated by ';' or '|', split one of
+    train/validation/test (rows without one are split 80/10/10 by a hash of the path).
+    """
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        # The vocabulary comes from the CSV, so the tag vector's length is not known here.
+        return self._mel_info(description=__doc__, num_tags=None)
+
+    def _collect(self, dl_manager: tfds.download.DownloadManager) -> base.Collection:
+        manual = os.fspath(dl_manager.manual_dir)
+        base.require_files(manual, [CSV_NAME], "audio_folder")
+        rows = read_tags_csv(os.path.join(manual, CSV_NAME))
+        tag_names = vocabulary(rows, self.builder_config.max_tags)
+        index = {t: i for i, t in enumerate(tag_names)}
+        clips, dropped = [], 0
+        for row in rows:
+            tags = np.zeros(len(tag_names), dtype=np.float32)
+            tags[[index[t] for t in row.tags if t in index]] = 1.0
+            if not tags.any():
+                dropped += 1
+                continue
+            job = common.file_job(os.path.join(manual, row.path), name=row.path)
+            clips.append(base.Clip(row.split, row.path, job, tags, path=row.path))
+        return base.Collection(
+            clips=clips,
+            tag_names=tag_names,
+            dropped={"no tag in the vocabulary": dropped} if dropped else {},
+        )
