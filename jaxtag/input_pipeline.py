@@ -1,0 +1,321 @@
+"""tf.data input pipeline over the TFDS spectrogram shards written by ``data_prep``.
+
+Yields numpy batches already split over the local devices (``[num_local_devices, per_device,
+...]``) for ``jax.pmap``. Training: an infinite, seed-deterministic stream of one random
+``crop_frames`` crop per clip. Evaluation: every clip of a split exactly once as its
+``audio.EVAL_CHUNKS`` chunks, with the last batch padded and masked. On multi-host runs each
+process reads only its contiguous share of the split (``split[a:b]``).
+
+The chunking math is :mod:`jaxtag.audio`'s, written as TF ops here (:func:`tf_pad_to`,
+:func:`tf_crop`, :func:`tf_eval_chunks`) and tested equal to the numpy versions.
+
+TensorFlow is kept off accelerators (``tf.config.set_visible_devices([], 'GPU')`` at import): JAX
+owns them; tensorflow-cpu is enough.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from jaxtag import audio
+
+
+def _hide_accelerators_from_tf() -> None:
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):  # TF already initialised its devices, or no GPU support.
+        pass
+
+
+_hide_accelerators_from_tf()
+
+CACHE_MAX_BYTES = 1 << 30
+"""Training caches a process's share of a split in memory when its shards are at most this big."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets
+
+
+def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    """The built dataset ``name`` (e.g. 'magnatagatune', 'synthetic_tags/small') in ``data_dir``.
+
+    ``name`` may also be the path of a built dataset version directory (the one holding
+    ``dataset_info.json``), read without the builder code. Raises ``FileNotFoundError`` with the
+    build command if the dataset has not been built.
+    """
+    import data_prep
+
+    if os.path.isfile(os.path.join(name, "dataset_info.json")):
+        return tfds.builder_from_directory(name)
+    data_prep.register()
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        base = name.split("/")[0].split(":")[0]
+        config = name.split("/")[1].split(":")[0] if "/" in name else None
+        command = f"python -m data_prep.build {base} --data_dir {data_dir}" + (
+            f" --config {config}" if config else ""
+        )
+        raise FileNotFoundError(
+            f"dataset {name} is not built in {data_dir} (no {builder.data_dir}); run: {command}"
+        )
+    return builder
+
+
+def tag_names(builder: tfds.core.DatasetBuilder) -> list[str]:
+    """The tag order of the ``tags`` vectors, read from the built dataset's metadata."""
+    metadata = builder.info.metadata
+    if not metadata or "tag_names" not in metadata:
+        raise KeyError(f"{builder.data_dir}: dataset metadata has no 'tag_names'")
+    return list(metadata["tag_names"])
+
+
+def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
+    """Examples in ``split`` (all processes together)."""
+    return int(builder.info.splits[split].num_examples)
+
+
+def process_split(
+    builder: tfds.core.DatasetBuilder, split: str, process_index: int, process_count: int
+) -> tuple[str, int]:
+    """This process's contiguous share of ``split`` as a TFDS split string, and its size.
+
+    Shares are ``[n*i//P, n*(i+1)//P)``: disjoint, covering every example, sizes differing by <= 1.
+    """
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    n = num_examples(builder, split)
+    if process_count == 1:
+        return split, n
+    start, end = n * process_index // process_count, n * (process_index + 1) // process_count
+    return f"{split}[{start}:{end}]", end - start
+
+
+def _per_device(batch_size: int, process_count: int, num_local_devices: int) -> int:
+    devices = process_count * num_local_devices
+    if batch_size <= 0 or batch_size % devices:
+        raise ValueError(
+            f"batch size {batch_size} is not a positive multiple of the number of devices "
+            f"({process_count} processes x {num_local_devices} local devices = {devices})"
+        )
+    return batch_size // devices
+
+
+def _read(
+    builder: tfds.core.DatasetBuilder, split: str, *, shuffle: bool, seed: int
+) -> tf.data.Dataset:
+    read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+    return builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config)
+
+
+def _tags(example: dict[str, tf.Tensor], num_tags: int) -> tf.Tensor:
+    # ensure_shape: audio_folder stores a dynamic-length vector (its vocabulary is data-defined).
+    return tf.ensure_shape(tf.cast(example["tags"], tf.float32), [num_tags])
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunking as TF ops (numpy originals in jaxtag.audio)
+
+
+def tf_pad_to(mel: tf.Tensor, frames: int = audio.CHUNK_FRAMES) -> tf.Tensor:
+    """``audio.pad_to``: pads the time axis at the end with the clip's minimum to ``frames``."""
+    pad = tf.maximum(frames - tf.shape(mel)[-1], 0)
+    return tf.pad(mel, [[0, 0], [0, pad]], constant_values=tf.reduce_min(mel))
+
+
+def tf_crop(mel: tf.Tensor, start: tf.Tensor, frames: int = audio.CHUNK_FRAMES) -> tf.Tensor:
+    """``audio.crop``: ``frames`` frames of the padded mel from ``start``."""
+    crop = tf_pad_to(mel, frames)[:, start : start + frames]
+    return tf.ensure_shape(crop, [audio.N_MELS, frames])
+
+
+def tf_random_crop_start(n_frames: tf.Tensor, seed: tf.Tensor, frames: int) -> tf.Tensor:
+    """Uniform start in ``[0, max(n_frames, frames) - frames]`` from a stateless ``seed`` (2,)."""
+    high = tf.maximum(n_frames, frames) - frames + 1
+    return tf.random.stateless_uniform([], seed=seed, minval=0, maxval=high, dtype=tf.int32)
+
+
+def tf_eval_chunks(
+    mel: tf.Tensor, n_chunks: int = audio.EVAL_CHUNKS, frames: int = audio.CHUNK_FRAMES
+) -> tf.Tensor:
+    """``audio.eval_chunks``: ``(n_chunks, N_MELS, frames)`` at ``i * ((n - frames) // n_chunks)``
+    (``n``: padded length)."""
+    mel = tf_pad_to(mel, frames)
+    hop = (tf.shape(mel)[-1] - frames) // n_chunks
+    index = tf.range(n_chunks)[:, None] * hop + tf.range(frames)[None, :]
+    chunks = tf.transpose(tf.gather(mel, index, axis=1), [1, 0, 2])
+    return tf.ensure_shape(chunks, [n_chunks, audio.N_MELS, frames])
+
+
+def _split_devices(batch: dict[str, tf.Tensor], num_local_devices: int) -> dict[str, tf.Tensor]:
+    """``[B, ...] -> [num_local_devices, B // num_local_devices, ...]`` for every entry."""
+    out = {}
+    for key, value in batch.items():
+        shape = tf.concat([[num_local_devices, -1], tf.shape(value)[1:]], axis=0)
+        out[key] = tf.reshape(value, shape)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Iterators
+
+
+def train_dataset(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    num_local_devices: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    crop_frames: int = audio.CHUNK_FRAMES,
+    shuffle_buffer: int = 10_000,
+    cache: bool | None = None,
+) -> tf.data.Dataset:
+    """The ``tf.data.Dataset`` behind :func:`train_iterator` (same arguments)."""
+    per_device = _per_device(global_batch_size, process_count, num_local_devices)
+    sub, size = process_split(builder, split, process_index, process_count)
+    if size == 0:
+        raise ValueError(f"{builder.name}: split {sub} of process {process_index} is empty")
+    num_tags = len(tag_names(builder))
+    if cache is None:
+        num_bytes = builder.info.splits[split].num_bytes
+        cache = num_bytes * size <= CACHE_MAX_BYTES * max(num_examples(builder, split), 1)
+
+    ds = _read(builder, sub, shuffle=True, seed=seed)
+    ds = ds.map(lambda ex: {"mel": ex["mel"], "tags": _tags(ex, num_tags)})
+    if cache:
+        ds = ds.cache()
+    ds = ds.repeat().enumerate()
+
+    def crop(index: tf.Tensor, ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        # One stateless seed per element of the repeated stream: deterministic with parallel map.
+        element_seed = tf.stack([tf.constant(seed, tf.int64), index])
+        start = tf_random_crop_start(tf.shape(ex["mel"])[-1], element_seed, crop_frames)
+        return {"mel": tf_crop(ex["mel"], start, crop_frames), "tags": ex["tags"]}
+
+    # Crop before shuffling: the buffer then holds 256-frame crops, not whole clips (~7x less
+    # memory for 29 s clips); each clip still gets a fresh crop on every pass.
+    ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.shuffle(shuffle_buffer, seed=seed)
+    ds = ds.batch(per_device * num_local_devices, drop_remainder=True)
+    ds = ds.map(
+        lambda b: _split_devices(
+            {"mel": tf.cast(b["mel"], tf.float32), "tags": b["tags"]}, num_local_devices
+        ),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def train_iterator(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    *,
+    global_batch_size: int,
+    seed: int,
+    num_local_devices: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    crop_frames: int = audio.CHUNK_FRAMES,
+    shuffle_buffer: int = 10_000,
+    cache: bool | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Infinite training batches, identical for identical arguments.
+
+    Yields ``{'mel': float32 [num_local_devices, per_device, N_MELS, crop_frames], 'tags': float32
+    [num_local_devices, per_device, num_tags]}`` with ``per_device = global_batch_size //
+    (process_count * num_local_devices)`` (ValueError if not divisible). Clips are shuffled (files
+    and a ``shuffle_buffer`` of crops), each contributes one uniformly random crop per pass (clips
+    shorter than ``crop_frames`` are padded as ``audio.pad_to`` does), passes repeat forever.
+    This process reads only its share of ``split`` (see :func:`process_split`). ``cache``: keep the
+    decoded share in memory (default: if its shards total at most ``CACHE_MAX_BYTES``).
+    """
+    ds = train_dataset(
+        builder,
+        split,
+        global_batch_size=global_batch_size,
+        seed=seed,
+        num_local_devices=num_local_devices,
+        process_index=process_index,
+        process_count=process_count,
+        crop_frames=crop_frames,
+        shuffle_buffer=shuffle_buffer,
+        cache=cache,
+    )
+    yield from ds.as_numpy_iterator()
+
+
+def eval_num_batches(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    *,
+    batch_size: int,
+    num_local_devices: int,
+    process_count: int = 1,
+) -> int:
+    """Batches :func:`eval_iterator` yields; the same on every process (they may pmap together)."""
+    per_process = _per_device(batch_size, process_count, num_local_devices) * num_local_devices
+    largest_share = -(-num_examples(builder, split) // process_count)
+    return -(-largest_share // per_process)
+
+
+def eval_iterator(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    *,
+    batch_size: int,
+    num_local_devices: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, Any]]:
+    """Every clip of this process's share of ``split`` exactly once, in a fixed order.
+
+    ``batch_size`` is global, like ``train_iterator``'s (``per_device = batch_size //
+    (process_count * num_local_devices)``). Yields ``{'mel': float32 [num_local_devices,
+    per_device, EVAL_CHUNKS, N_MELS, CHUNK_FRAMES], 'tags': float32 [..., num_tags], 'mask': bool
+    [num_local_devices, per_device], 'clip_id': bytes object array [num_local_devices,
+    per_device]}``. Padding entries (zeros, ``mask`` False, ``clip_id`` b'') fill the last batches
+    so that every process yields :func:`eval_num_batches` batches.
+    """
+    per_process = _per_device(batch_size, process_count, num_local_devices) * num_local_devices
+    steps = eval_num_batches(
+        builder,
+        split,
+        batch_size=batch_size,
+        num_local_devices=num_local_devices,
+        process_count=process_count,
+    )
+    sub, _ = process_split(builder, split, process_index, process_count)
+    num_tags = len(tag_names(builder))
+
+    def chunk(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return {
+            "mel": tf_eval_chunks(ex["mel"]),
+            "tags": _tags(ex, num_tags),
+            "mask": tf.constant(True),
+            "clip_id": ex["clip_id"],
+        }
+
+    ds = _read(builder, sub, shuffle=False, seed=0).map(chunk, num_parallel_calls=tf.data.AUTOTUNE)
+    padding = tf.data.Dataset.from_tensors(
+        {
+            "mel": tf.zeros([audio.EVAL_CHUNKS, audio.N_MELS, audio.CHUNK_FRAMES], tf.float16),
+            "tags": tf.zeros([num_tags], tf.float32),
+            "mask": tf.constant(False),
+            "clip_id": tf.constant(b""),
+        }
+    ).repeat()
+    ds = ds.concatenate(padding).take(steps * per_process)
+    ds = ds.batch(per_process, drop_remainder=True)
+    ds = ds.map(
+        lambda b: _split_devices(b | {"mel": tf.cast(b["mel"], tf.float32)}, num_local_devices)
+    )
+    yield from ds.prefetch(2).as_numpy_iterator()
