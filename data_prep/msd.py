@@ -49,8 +49,10 @@ MSD_TOP50: tuple[str, ...] = (
 )  # fmt: skip
 
 # Globals a pickle of lists, dicts, strings and numpy arrays may reference: numpy's array and
-# scalar reconstruction (old ``numpy.core`` names as written by Python 2 / numpy 1, and numpy 2's).
-_NUMPY_GLOBALS = {
+# scalar reconstruction (old ``numpy.core`` names as written by Python 2 / numpy 1, and numpy 2's),
+# and ``_codecs.encode``, which Python 3 writes for the raw bytes of an array at protocol <= 2.
+_ALLOWED_GLOBALS = {
+    ("_codecs", "encode"),
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),
@@ -65,14 +67,14 @@ class UnsafePickleError(common.DataError, pickle.UnpicklingError):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Refuses every global except numpy's array reconstruction (lists, dicts, str need none)."""
+    """Refuses every global but ``_ALLOWED_GLOBALS`` (lists, dicts and strings need none)."""
 
     def __init__(self, file: Any, path: str):
         super().__init__(file, encoding="latin1")
         self.path = path
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _NUMPY_GLOBALS:
+        if (module, name) not in _ALLOWED_GLOBALS:
             raise UnsafePickleError(
                 f"{self.path}: refusing to unpickle {module}.{name}; only lists, dicts, strings "
                 "and numpy arrays are allowed"
