@@ -175,7 +175,10 @@ class MelDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             dropped=dict(report.dropped),
             audio_hours=round(report.audio_seconds / 3600, 4),
         )
-        return {split: self._generate_examples(items) for split, items in ready.items()}
+        if not any(ready.values()):
+            raise common.DataError(f"{self.name}: no usable clips (report:\n{report.summary()})")
+        # TFDS cannot write an empty split: splits without clips are left out (and reported).
+        return {split: self._generate_examples(items) for split, items in ready.items() if items}
 
     def _generate_examples(
         self, items: list[tuple[Clip, common.MelResult]]

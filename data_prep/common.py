@@ -231,7 +231,10 @@ class BuildReport:
         """Human-readable closing summary."""
         wall = time.time() - self.start_time
         total = sum(self.written.values())
-        per_split = ", ".join(f"{k} {v}" for k, v in sorted(self.written.items()))
+        per_split = ", ".join(
+            f"{k} {v}" if v else f"{k} 0: split not written"
+            for k, v in sorted(self.written.items())
+        )
         lines = [
             f"clips written: {total} ({per_split})",
             f"audio: {self.audio_seconds / 3600:.2f} h ({self.audio_seconds:.0f} s)",

@@ -50,9 +50,12 @@ MSD_TOP50: tuple[str, ...] = (
 
 # Globals a pickle of lists, dicts, strings and numpy arrays may reference: numpy's array and
 # scalar reconstruction (old ``numpy.core`` names as written by Python 2 / numpy 1, and numpy 2's),
-# and ``_codecs.encode``, which Python 3 writes for the raw bytes of an array at protocol <= 2.
+# ``_frombuffer`` (protocol 5 arrays) and ``_codecs.encode``, which Python 3 writes for the raw
+# bytes of an array at protocol <= 2.
 _ALLOWED_GLOBALS = {
     ("_codecs", "encode"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"),

@@ -77,8 +77,11 @@ def tag_names(builder: tfds.core.DatasetBuilder) -> list[str]:
 
 
 def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
-    """Examples in ``split`` (all processes together)."""
-    return int(builder.info.splits[split].num_examples)
+    """Examples in ``split`` (all processes together); KeyError naming the splits that exist."""
+    splits = builder.info.splits
+    if split.split("[")[0] not in splits:
+        raise KeyError(f"{builder.name} has no split {split!r}; it has {sorted(splits.keys())}")
+    return int(splits[split].num_examples)
 
 
 def process_split(

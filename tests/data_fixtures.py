@@ -16,6 +16,25 @@ import soundfile as sf
 from data_prep import magnatagatune
 
 
+def reference_log_mel(y: np.ndarray) -> np.ndarray:
+    """The released weights' recipe spelled out with every librosa parameter, independently of
+    ``jaxtag.audio``'s constants (float32)."""
+    import librosa
+
+    s = librosa.feature.melspectrogram(
+        y=y, sr=16000, n_fft=512, hop_length=256, n_mels=96, window="hann", center=True,
+        pad_mode="reflect", power=2.0, htk=False, norm="slaney",
+    )  # fmt: skip
+    return librosa.amplitude_to_db(s, ref=1.0, amin=1e-5, top_db=80.0)
+
+
+def reference_log_mel_of_file(path: str) -> np.ndarray:
+    """``reference_log_mel`` of ``librosa.load(path, sr=16000)`` (mono, soxr_hq)."""
+    import librosa
+
+    return reference_log_mel(librosa.load(path, sr=16000, mono=True)[0])
+
+
 def tone(seconds: float, freq: float, sr: int = 22_050, channels: int = 1, seed: int = 0):
     """A decaying harmonic tone plus a little noise: float32 ``(samples, channels)``."""
     rng = np.random.default_rng(seed)

@@ -9,16 +9,7 @@ import numpy as np
 import pytest
 
 from jaxtag import audio
-from tests.data_fixtures import tone, write_audio, write_corrupt
-
-
-def reference_log_mel(y: np.ndarray) -> np.ndarray:
-    """The recipe spelled out with every parameter, independent of audio.py's constants."""
-    s = librosa.feature.melspectrogram(
-        y=y, sr=16000, n_fft=512, hop_length=256, n_mels=96, window="hann", center=True,
-        pad_mode="reflect", power=2.0, htk=False, norm="slaney",
-    )  # fmt: skip
-    return librosa.amplitude_to_db(s, ref=1.0, amin=1e-5, top_db=80.0)
+from tests.data_fixtures import reference_log_mel, tone, write_audio, write_corrupt
 
 
 def test_constants_match_the_released_recipe():
