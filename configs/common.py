@@ -17,6 +17,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # The network (jaxtag.model.ModelConfig); defaults are the released ponswon.pth architecture.
     config.model = ml_collections.ConfigDict(ModelConfig().to_dict())
+    # Start from these weights instead of a random init (e.g. a converted ponswon.pth).
+    config.init_checkpoint = ""
 
     # Optimisation: the original recipe (FACTS.md) by default.
     config.optimizer = "original"  # or "adamw_cosine"

@@ -146,14 +146,18 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         x32 = x.astype(jnp.float32)
         if train:
+            # Two passes (mean, then mean squared deviation), as PyTorch: E[x^2] - E[x]^2 loses
+            # digits in float32 when the mean is large next to the spread (dB inputs, conv maps).
             axes = tuple(range(x.ndim - 1))
-            mean = x32.mean(axes)
-            mean_sq = jnp.square(x32).mean(axes)
+            sync = self.axis_name is not None and not self.is_initializing()
             count = math.prod(x.shape[:-1])
-            if self.axis_name is not None and not self.is_initializing():
-                mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
+            mean = x32.mean(axes)
+            if sync:
+                mean = jax.lax.pmean(mean, self.axis_name)
                 count *= jax.lax.psum(1, self.axis_name)
-            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+            var = jnp.square(x32 - mean).mean(axes)
+            if sync:
+                var = jax.lax.pmean(var, self.axis_name)
             if not self.is_initializing():
                 unbiased = var * (count / max(count - 1, 1))
                 ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean

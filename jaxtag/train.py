@@ -43,10 +43,16 @@ def model_config_from(config: ml_collections.ConfigDict) -> ModelConfig:
 
 
 def create_train_state(
-    model_config: ModelConfig, tx: optax.GradientTransformation, seed: int, frames: int
+    model_config: ModelConfig,
+    tx: optax.GradientTransformation,
+    seed: int,
+    frames: int,
+    variables: dict[str, Any] | None = None,
 ) -> TrainState:
+    """A fresh state: random init, or the given `variables` (e.g. converted ponswon.pth)."""
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
-    variables = init_variables(model_config, init_rng, frames)
+    if variables is None:
+        variables = init_variables(model_config, init_rng, frames)
     model = MTSA(model_config, axis_name=AXIS)
     return TrainState.create(
         apply_fn=model.apply,
@@ -55,6 +61,20 @@ def create_train_state(
         batch_stats=variables["batch_stats"],
         rng=dropout_rng,
     )
+
+
+def initial_variables(path: str, model_config: ModelConfig, tags: list[str]) -> dict[str, Any]:
+    """Weights to fine-tune from; the architecture must match, dropouts may differ."""
+    loaded = checkpoint.load_model(os.path.expanduser(path))
+    ignore = ("attention_dropout", "hidden_dropout", "classifier_dropout", "dtype")
+    mine = {k: v for k, v in model_config.to_dict().items() if k not in ignore}
+    theirs = {k: v for k, v in loaded.config.to_dict().items() if k not in ignore}
+    if mine != theirs:
+        diff = {k: (theirs[k], mine[k]) for k in mine if mine[k] != theirs[k]}
+        raise ValueError(f"init_checkpoint {loaded.path} has another architecture: {diff}")
+    if loaded.tags != tags:
+        raise ValueError(f"init_checkpoint {loaded.path} predicts other tags than the dataset")
+    return loaded.variables
 
 
 def bce_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -213,7 +233,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     total_steps = config.num_epochs * steps_per_epoch
     tx, schedule = optim.create_optimizer(config, steps_per_epoch, total_steps)
 
-    template = create_train_state(model_config, tx, config.seed, config.crop_frames)
+    initial = None
+    if config.init_checkpoint:
+        initial = initial_variables(config.init_checkpoint, model_config, tags)
+    template = create_train_state(model_config, tx, config.seed, config.crop_frames, initial)
     latest, best = _managers(workdir, config)
     best_metric, best_step = -float("inf"), None
     start_step = 0
