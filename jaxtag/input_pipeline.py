@@ -207,7 +207,8 @@ def train_dataset(
     # Crop before shuffling: the buffer then holds 256-frame crops, not whole clips (~7x less
     # memory for 29 s clips); each clip still gets a fresh crop on every pass.
     ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.shuffle(shuffle_buffer, seed=seed)
+    # A buffer larger than the share would only delay the first batch (it fills before emitting).
+    ds = ds.shuffle(min(shuffle_buffer, size), seed=seed)
     ds = ds.batch(per_device * num_local_devices, drop_remainder=True)
     ds = ds.map(
         lambda b: _split_devices(
@@ -235,9 +236,10 @@ def train_iterator(
 
     Yields ``{'mel': float32 [num_local_devices, per_device, N_MELS, crop_frames], 'tags': float32
     [num_local_devices, per_device, num_tags]}`` with ``per_device = global_batch_size //
-    (process_count * num_local_devices)`` (ValueError if not divisible). Clips are shuffled (files
-    and a ``shuffle_buffer`` of crops), each contributes one uniformly random crop per pass (clips
-    shorter than ``crop_frames`` are padded as ``audio.pad_to`` does), passes repeat forever.
+    (process_count * num_local_devices)`` (ValueError if not divisible). Each pass over the clips
+    gives one uniformly random crop per clip (clips shorter than ``crop_frames`` are padded as
+    ``audio.pad_to`` does); passes repeat forever; the shard files and then a buffer of
+    ``min(shuffle_buffer, share size)`` crops are shuffled (the buffer spans pass boundaries).
     This process reads only its share of ``split`` (see :func:`process_split`). ``cache``: keep the
     decoded share in memory (default: if its shards total at most ``CACHE_MAX_BYTES``).
     """
