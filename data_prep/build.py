@@ -63,6 +63,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _remove_interrupted_builds(version_dir: str) -> None:
+    """Deletes TFDS's ``incomplete.*`` folders left next to ``version_dir`` by a killed build.
+
+    (The expensive part, the mel cache, is kept; these hold only half-written shards.)
+    """
+    parent, version = os.path.split(version_dir)
+    if not os.path.isdir(parent):
+        return
+    for entry in os.listdir(parent):
+        if entry.startswith("incomplete.") and entry.endswith("_" + version):
+            print(f"removing the leftovers of an interrupted build: {os.path.join(parent, entry)}")
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the build; returns the exit status (0 ok, 1 bad input file, 2 missing input)."""
     args = parse_args(argv)
@@ -94,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{builder.name}/{builder.builder_config.name} is already built at {builder.data_dir}"
         )
         return 0
+    _remove_interrupted_builds(builder.data_dir)
     start = time.time()
     try:
         builder.download_and_prepare(

@@ -419,6 +419,33 @@ def test_compute_mels_resumes_without_redoing_finished_work(tmp_path):
     assert leftovers == []
 
 
+def test_interrupted_build_resumes_where_it_stopped(tmp_path, monkeypatch):
+    calls = []
+    real_clip_mel = synth.clip_mel
+
+    def killed_after_four(spec):
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # as if the build was killed during the fifth clip
+        calls.append(spec.index)
+        return real_clip_mel(spec)
+
+    config = synthetic_tags.SyntheticTagsConfig(name="r", num_clips=10, seconds=2.0, seed=0)
+
+    def builder():
+        return synthetic_tags.SyntheticTags(data_dir=str(tmp_path), config=config, num_workers=1)
+
+    monkeypatch.setattr(synth, "clip_mel", killed_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(builder())
+    assert len(calls) == 4
+    monkeypatch.setattr(
+        synth, "clip_mel", lambda spec: calls.append(spec.index) or real_clip_mel(spec)
+    )
+    done = prepare(builder())
+    assert sorted(calls) == list(range(10))  # the first four were not computed again
+    assert sum(done.info.splits[s].num_examples for s in done.info.splits.keys()) == 10
+
+
 def test_file_job_key_follows_the_file(tmp_path):
     path = write_audio(str(tmp_path / "x.wav"), 1.0, seed=0)
     key = common.file_job(path).key
@@ -438,8 +465,12 @@ def test_build_command_help_and_summary(tmp_path, capsys):
     assert "--manual_dir" in out and "magnatagatune" in out and "tags.csv" in out
     manual = make_folder(tmp_path / "music")
     argv = ["audio_folder", "--data_dir", str(tmp_path / "d"), "--manual_dir", manual]
+    leftover = tmp_path / "d" / "audio_folder" / "top50" / "incomplete.AB12CD_1.0.0"
+    leftover.mkdir(parents=True)  # what a killed TFDS write leaves behind
     assert build.main([*argv, "--num_workers", "1"]) == 0
+    assert not leftover.exists()
     out = capsys.readouterr().out
+    assert "leftovers of an interrupted build" in out
     assert "clips written: 6" in out and "skipped (unusable audio): 2" in out  # top50: all tags
     assert "broken.mp3" in out and "wall time" in out and "dropped by design: 0" not in out
     assert not os.path.exists(tmp_path / "d" / "downloads" / "mel_cache" / "audio_folder")
