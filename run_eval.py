@@ -11,7 +11,7 @@ written as JSON (default: <checkpoint>/eval_<dataset>_<split>.json).
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory or training workdir.")
@@ -29,6 +29,8 @@ flags.mark_flags_as_required(["checkpoint", "dataset"])
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # orbax logs every save step at INFO
+        logging.set_verbosity(logging.WARNING)
     from jaxtag import evaluate
 
     try:

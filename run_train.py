@@ -10,7 +10,7 @@ Rerunning the same command resumes from the latest checkpoint in --workdir.
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -32,6 +32,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # orbax logs every save step at INFO
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     distributed = FLAGS.distributed

@@ -16,10 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset = "synthetic_tags"
     config.data_dir = "demo_workdir/data"
     config.shuffle_buffer = 1_000
-    config.model.conv_channels = 4
-    config.model.width = 128
+    config.model.conv_channels = 2
+    config.model.width = 64
     config.model.num_heads = 4
-    config.model.ffn_size = 256
+    config.model.ffn_size = 128
     config.model.positions_length = 257
     config.model.num_tags = -1  # as many as the dataset has
     config.model.attention_dropout = 0.1
@@ -27,13 +27,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.classifier_dropout = 0.1
 
     config.optimizer = "adamw_cosine"
-    config.learning_rate = 1e-3
+    config.learning_rate = 2e-3
     config.weight_decay = 1e-4
     config.warmup_epochs = 1.0
-    config.global_batch_size = 32
-    config.num_epochs = 12
+    config.global_batch_size = 16
+    config.num_epochs = 30
     config.eval_batch_size = 16
     config.checkpoint_every_steps = 200
     config.keep_best = 1
-    config.log_every_steps = 5
+    config.log_every_steps = 20
     return config

@@ -174,7 +174,6 @@ def evaluate_checkpoint(
     if missing:
         raise ValueError(f"{loaded.path}: the model has no output for dataset tags {missing}")
     order = np.array([loaded.tags.index(t) for t in dataset_tags])
-    n_clips = input_pipeline.num_examples(builder, split)
     batches = input_pipeline.eval_iterator(
         builder,
         split,
@@ -185,7 +184,13 @@ def evaluate_checkpoint(
     )
     replicated = flax.jax_utils.replicate(loaded.variables)
     predict_fn = make_predict_fn(MTSA(loaded.config))
-    total = -(-n_clips // (batch_size * jax.process_count()))
+    total = input_pipeline.eval_num_batches(
+        builder,
+        split,
+        batch_size=batch_size,
+        num_local_devices=jax.local_device_count(),
+        process_count=jax.process_count(),
+    )
     probs, labels = predict_dataset(predict_fn, replicated, batches, total, progress)
     metrics = compute_metrics(probs[:, order], labels, dataset_tags)
     return {"checkpoint": str(loaded.path), "dataset": dataset, "split": split, **metrics}

@@ -204,8 +204,14 @@ def _managers(workdir: Path, config: ml_collections.ConfigDict) -> tuple[Any, An
     return latest, best
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
-    """Trains (resuming from `workdir` if it holds a checkpoint); returns the run summary."""
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | Path, stop_after_step: int | None = None
+) -> dict[str, Any]:
+    """Trains (resuming from `workdir` if it holds a checkpoint); returns the run summary.
+
+    `stop_after_step` ends this call early, as a time-boxed or preempted job would, after
+    writing a checkpoint; the schedule still spans the whole run, and a later call resumes.
+    """
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
@@ -272,8 +278,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     # The stream is a pure function of the seed, so skipping the steps already taken puts a
     # resumed run on exactly the batches the uninterrupted run would see.
     train_batches = itertools.islice(train_batches, start_step, None)
-    n_eval = input_pipeline.num_examples(builder, config.eval_split)
-    eval_batches_total = -(-n_eval // (config.eval_batch_size * jax.process_count()))
+    eval_batches_total = input_pipeline.eval_num_batches(
+        builder,
+        config.eval_split,
+        batch_size=config.eval_batch_size,
+        num_local_devices=n_local,
+        process_count=jax.process_count(),
+    )
     logger = Logger(workdir)
 
     def meta_for(step: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -299,7 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         disable=not is_main,
         dynamic_ncols=True,
     )
-    for step in range(start_step, total_steps):
+    end_step = total_steps if stop_after_step is None else min(stop_after_step, total_steps)
+    for step in range(start_step, end_step):
         batch = next(train_batches)
         state, metrics = p_train_step(state, batch)
         window_steps += 1
@@ -363,7 +375,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                 args=save_args(host, meta_for(done, metrics_summary)),
                 metrics={checkpoint.BEST_METRIC: metrics_summary[checkpoint.BEST_METRIC]},
             )
-        if done % config.checkpoint_every_steps == 0 or done == total_steps or epoch_end:
+        if (
+            done % config.checkpoint_every_steps == 0
+            or done in (total_steps, end_step)
+            or epoch_end
+        ):
             latest.save(done, args=save_args(host_state(state), meta_for(done, metrics_summary)))
     bar.close()
     latest.wait_until_finished()
@@ -371,7 +387,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     logger.close()
 
     result = {
-        "steps": total_steps,
+        "step": end_step,
+        "total_steps": total_steps,
         "epochs": config.num_epochs,
         "wall_seconds": round(time.time() - t_start, 1),
         "best_step": best_step,
@@ -380,6 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         "workdir": str(workdir),
     }
     if is_main:
-        print("Training finished:", json.dumps(result, indent=2))
+        status = "finished" if end_step == total_steps else "stopped early (rerun to resume)"
+        print(f"Training {status}:", json.dumps(result, indent=2))
         evaluate.write_report(result, os.path.join(workdir, "train_summary.json"))
     return result
