@@ -144,3 +144,49 @@ def converted_factory(
 def reference_mel() -> np.ndarray:
     """The shared parity input: (BATCH, 96, 256) float32 in the dB range."""
     return log_mel_like(BATCH)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic data and a model trained on it (training-loop and interpretability tests)
+
+SYNTHETIC_CLIPS, SYNTHETIC_SECONDS = 120, 10.0
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 120-clip synthetic set (10 s clips, 96/12/12 split), built once; returns the built
+    version directory, which `input_pipeline.get_builder` takes as a dataset name."""
+    from data_prep import synthetic_tags
+
+    data_dir = tmp_path_factory.mktemp("synthetic_tfds")
+    config = synthetic_tags.SyntheticTagsConfig(
+        name="tests", num_clips=SYNTHETIC_CLIPS, seconds=SYNTHETIC_SECONDS, seed=0
+    )
+    builder = synthetic_tags.SyntheticTags(data_dir=str(data_dir), config=config, num_workers=2)
+    builder.download_and_prepare()
+    return str(builder.data_dir)
+
+
+def small_train_config(dataset_dir: str):
+    """The demo recipe on the test set, slim enough for a CPU test."""
+    from configs.demo import get_config
+
+    config = get_config()
+    config.dataset = dataset_dir
+    config.global_batch_size = 16
+    config.eval_batch_size = 12
+    config.log_every_steps = 10
+    return config
+
+
+@pytest.fixture(scope="session")
+def trained_synthetic(synthetic_data: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo-sized model trained on `synthetic_data` for a couple of minutes; its workdir."""
+    from jaxtag import train
+
+    config = small_train_config(synthetic_data)
+    config.num_epochs = 40
+    config.eval_every_epochs = 10
+    workdir = tmp_path_factory.mktemp("trained_synthetic")
+    train.train_and_evaluate(config, workdir)
+    return workdir
