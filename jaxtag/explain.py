@@ -123,7 +123,13 @@ def plot(
     axes[3].set_ylabel("last layer\nCLS, mean")
     idx = [tags.index(t) for t in chosen]
     tag_maps = _normalise(maps["contributions"][:, idx].T)
-    axes[4].imshow(tag_maps, aspect="auto", cmap="inferno", extent=(*extent_t, len(idx), 0))
+    axes[4].imshow(
+        tag_maps,
+        aspect="auto",
+        cmap="inferno",
+        extent=(*extent_t, len(idx), 0),
+        interpolation="nearest",
+    )
     axes[4].set_yticks(np.arange(len(idx)) + 0.5, chosen)
     axes[4].set_ylabel(f"tag-wise (layer {int(maps['contribution_layer']) + 1})")
     axes[4].set_xlabel("time (s)")
