@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import flax.jax_utils
@@ -127,17 +127,40 @@ def summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k != "per_tag"}
 
 
+def split_batches(builder: Any, split: str, batch_size: int) -> tuple[Iterator[dict], int]:
+    """This process's evaluation batches of `split` (16 chunks per clip) and their count."""
+    from jaxtag import input_pipeline
+
+    kwargs = {
+        "batch_size": batch_size,
+        "num_local_devices": jax.local_device_count(),
+        "process_count": jax.process_count(),
+    }
+    batches = input_pipeline.eval_iterator(
+        builder, split, process_index=jax.process_index(), **kwargs
+    )
+    return batches, input_pipeline.eval_num_batches(builder, split, **kwargs)
+
+
 def evaluate_split(
     model: MTSA,
     variables: Mapping[str, Any],
-    batches: Iterable[Mapping[str, np.ndarray]],
+    builder: Any,
+    split: str,
     tag_names: list[str],
-    total: int | None = None,
+    batch_size: int,
+    output_order: np.ndarray | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Host-side variables in, metrics out: replicates, predicts every clip, scores."""
+    """Host-side variables in, metrics out: predicts every clip of the split and scores it.
+
+    `output_order[i]` is the model output that scores `tag_names[i]` (default: the same order).
+    """
+    batches, total = split_batches(builder, split, batch_size)
     replicated = flax.jax_utils.replicate(dict(variables))
     probs, labels = predict_dataset(make_predict_fn(model), replicated, batches, total, progress)
+    if output_order is not None:
+        probs = probs[:, output_order]
     return compute_metrics(probs, labels, tag_names)
 
 
@@ -174,23 +197,14 @@ def evaluate_checkpoint(
     if missing:
         raise ValueError(f"{loaded.path}: the model has no output for dataset tags {missing}")
     order = np.array([loaded.tags.index(t) for t in dataset_tags])
-    batches = input_pipeline.eval_iterator(
+    metrics = evaluate_split(
+        MTSA(loaded.config),
+        loaded.variables,
         builder,
         split,
-        batch_size=batch_size,
-        num_local_devices=jax.local_device_count(),
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        dataset_tags,
+        batch_size,
+        order,
+        progress,
     )
-    replicated = flax.jax_utils.replicate(loaded.variables)
-    predict_fn = make_predict_fn(MTSA(loaded.config))
-    total = input_pipeline.eval_num_batches(
-        builder,
-        split,
-        batch_size=batch_size,
-        num_local_devices=jax.local_device_count(),
-        process_count=jax.process_count(),
-    )
-    probs, labels = predict_dataset(predict_fn, replicated, batches, total, progress)
-    metrics = compute_metrics(probs[:, order], labels, dataset_tags)
     return {"checkpoint": str(loaded.path), "dataset": dataset, "split": split, **metrics}

@@ -278,13 +278,6 @@ def train_and_evaluate(
     # The stream is a pure function of the seed, so skipping the steps already taken puts a
     # resumed run on exactly the batches the uninterrupted run would see.
     train_batches = itertools.islice(train_batches, start_step, None)
-    eval_batches_total = input_pipeline.eval_num_batches(
-        builder,
-        config.eval_split,
-        batch_size=config.eval_batch_size,
-        num_local_devices=n_local,
-        process_count=jax.process_count(),
-    )
     logger = Logger(workdir)
 
     def meta_for(step: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
@@ -335,14 +328,6 @@ def train_and_evaluate(
         epoch = done // steps_per_epoch
         metrics_summary = None
         if epoch_end and (epoch % config.eval_every_epochs == 0 or done == total_steps):
-            eval_batches = input_pipeline.eval_iterator(
-                builder,
-                config.eval_split,
-                batch_size=config.eval_batch_size,
-                num_local_devices=n_local,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
             variables = jax.device_get(
                 {
                     "params": flax.jax_utils.unreplicate(state.params),
@@ -350,7 +335,13 @@ def train_and_evaluate(
                 }
             )
             last_metrics = evaluate.evaluate_split(
-                eval_model, variables, eval_batches, tags, total=eval_batches_total, progress=False
+                eval_model,
+                variables,
+                builder,
+                config.eval_split,
+                tags,
+                config.eval_batch_size,
+                progress=False,
             )
             metrics_summary = evaluate.summary(last_metrics)
             if metrics_summary[checkpoint.BEST_METRIC] > best_metric:
