@@ -210,6 +210,9 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"figure written to {args.out}")
     if args.save_npz:
-        np.savez_compressed(args.save_npz, tags=np.array(loaded.tags), start_seconds=start, **maps)
+        npz = Path(args.save_npz)
+        tmp = npz.with_name(npz.name + ".tmp.npz")  # written whole, then renamed
+        np.savez_compressed(tmp, tags=np.array(loaded.tags), start_seconds=start, **maps)
+        tmp.replace(npz)
         print(f"maps written to {args.save_npz}")
     return 0
