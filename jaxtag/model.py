@@ -138,34 +138,52 @@ class BatchNorm(nn.Module):
     epsilon: float = BN_EPS
 
     @nn.compact
-    def __call__(self, x: Array, train: bool) -> Array:
-        features = x.shape[-1]
+    def coefficients(
+        self, features: int, train: bool, moments: tuple[Array, Array, Any] | None = None
+    ) -> tuple[Array, Array]:
+        """(a, c) with BN(x) = a * x + c per channel; in training `moments` are the batch's
+        (mean, var, count), which also update the running statistics."""
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
-        x32 = x.astype(jnp.float32)
         if train:
-            # Two passes (mean, then mean squared deviation), as PyTorch: E[x^2] - E[x]^2 loses
-            # digits in float32 when the mean is large next to the spread (dB inputs, conv maps).
-            axes = tuple(range(x.ndim - 1))
-            sync = self.axis_name is not None and not self.is_initializing()
-            count = math.prod(x.shape[:-1])
-            mean = x32.mean(axes)
-            if sync:
-                mean = jax.lax.pmean(mean, self.axis_name)
-                count *= jax.lax.psum(1, self.axis_name)
-            var = jnp.square(x32 - mean).mean(axes)
-            if sync:
-                var = jax.lax.pmean(var, self.axis_name)
+            mean, var, count = moments
             if not self.is_initializing():
-                unbiased = var * (count / max(count - 1, 1))
+                unbiased = var * (count / jnp.maximum(count - 1, 1))
                 ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
                 ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
         else:
             mean, var = ra_mean.value, ra_var.value
-        y = (x32 - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
-        return y.astype(x.dtype)
+        a = scale * jax.lax.rsqrt(var + self.epsilon)
+        return a, bias - mean * a
+
+    def __call__(self, x: Array, train: bool) -> Array:
+        moments = None
+        if train:
+            moments = batch_moments(x, self.axis_name if not self.is_initializing() else None)
+        a, c = self.coefficients(x.shape[-1], train, moments)
+        return (x.astype(jnp.float32) * a + c).astype(x.dtype)
+
+
+def batch_moments(x: Array, axis_name: str | None) -> tuple[Array, Array, Any]:
+    """Per-channel (last axis) mean, biased variance and count over all other axes, and over
+    the devices of `axis_name`: the global batch's statistics under pmap.
+
+    Two passes (mean, then mean squared deviation), as PyTorch: E[x^2] - E[x]^2 loses digits in
+    float32 when the mean is large next to the spread (dB inputs, conv maps).
+    """
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    count = math.prod(x.shape[:-1])
+    mean = x32.mean(axes)
+    if axis_name is not None:
+        mean = jax.lax.pmean(mean, axis_name)
+        count = count * jax.lax.psum(1, axis_name)
+    var = jnp.square(x32 - mean).mean(axes)
+    if axis_name is not None:
+        var = jax.lax.pmean(var, axis_name)
+    return mean, var, count
 
 
 class ConvWeights(nn.Module):
@@ -195,8 +213,10 @@ class Branch(nn.Module):
     def weights(self) -> tuple[Array, Array]:
         return self.conv()
 
-    def __call__(self, x: Array, train: bool) -> Array:
-        return nn.relu(self.bn(x, train))
+    def bn_coefficients(
+        self, features: int, train: bool, moments: tuple[Array, Array, Any] | None
+    ) -> tuple[Array, Array]:
+        return self.bn.coefficients(features, train, moments)
 
 
 def _pad_width(kernel: Array, width: int) -> Array:
@@ -283,10 +303,8 @@ class FrontEnd(nn.Module):
             kernel = jnp.concatenate([_pad_width(k, max_w) for k, _ in weights], axis=-1)
             bias = jnp.concatenate([b for _, b in weights])
             y = vertical_conv(x[..., 0], kernel.astype(dtype), train) + bias.astype(dtype)
-            splits = np.cumsum([k.shape[-1] for k, _ in weights])[:-1]
-            for branch, part in zip(group, jnp.split(y, splits, axis=-1), strict=True):
-                # BN + ReLU per frequency row, then the max over all remaining rows.
-                outputs.append(branch(part, train).max(axis=1))  # (B, T, c_i)
+            # BN + ReLU per frequency row, then the max over all remaining rows.
+            outputs.append(self.normalize_group(group, y, train).max(axis=1))  # (B, T, sum c_i)
 
         # Horizontal branches on the frequency mean, also fused into one zero-padded conv.
         group = branches[6:]
@@ -298,9 +316,7 @@ class FrontEnd(nn.Module):
         )
         bias = jnp.concatenate([b for _, b in weights])
         y = horizontal_conv(x[..., 0].mean(axis=1), kernel[:, 0].astype(dtype)) + bias.astype(dtype)
-        splits = np.cumsum([k.shape[-1] for k, _ in weights])[:-1]
-        for branch, part in zip(group, jnp.split(y, splits, axis=-1), strict=True):
-            outputs.append(branch(part, train))
+        outputs.append(self.normalize_group(group, y, train))
 
         x = jnp.concatenate(outputs, axis=-1)  # (B, T, 29 * C)
         fan_in = FRONT_END_MULTIPLIER * c
@@ -314,6 +330,28 @@ class FrontEnd(nn.Module):
         )(x)
         x = BatchNorm(self.axis_name, name="bn")(x, train)
         return nn.relu(x)
+
+    def normalize_group(self, group: list[Branch], y: Array, train: bool) -> Array:
+        """ReLU(BN(y)) for the concatenated channels of a group of branches, in one pass.
+
+        Each branch keeps its own BatchNorm parameters and statistics; the per-channel affine
+        maps are concatenated and applied to the fused tensor, since slicing that large tensor
+        per branch costs more than the convolution's own output pass.
+        """
+        sizes = [b.kernel_shape[-1] for b in group]
+        moments = None
+        if train:
+            sync = self.axis_name if not self.is_initializing() else None
+            moments = batch_moments(y, sync)
+        coefficients = []
+        for branch, lo, hi in zip(
+            group, np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes), strict=True
+        ):
+            part = None if moments is None else (moments[0][lo:hi], moments[1][lo:hi], moments[2])
+            coefficients.append(branch.bn_coefficients(hi - lo, train, part))
+        a = jnp.concatenate([a for a, _ in coefficients]).astype(y.dtype)
+        c = jnp.concatenate([c for _, c in coefficients]).astype(y.dtype)
+        return nn.relu(y * a + c)
 
 
 def layer_norm(x: Array) -> Array:
