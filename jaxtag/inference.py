@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -103,12 +104,17 @@ def tag_files(
     paths = list(paths)
     bar = tqdm(total=len(paths), unit="file", desc="tag", disable=not progress or len(paths) < 2)
     with ThreadPoolExecutor(workers) as pool:
-        pending = [pool.submit(_load, p, segments) for p in paths]
+        # Decode a few files ahead of the model, not all of them: spectrograms of thousands of
+        # long tracks would otherwise pile up in memory.
+        ahead = 2 * workers
+        pending = deque(pool.submit(_load, p, segments) for p in paths[:ahead])
         group: list[_Windows] = []
-        for index, future in enumerate(pending):
-            group.append(future.result())
+        for index in range(len(paths)):
+            group.append(pending.popleft().result())
+            if index + ahead < len(paths):
+                pending.append(pool.submit(_load, paths[index + ahead], segments))
             n_windows = sum(len(w.windows) for w in group if w.windows is not None)
-            if n_windows < tagger.batch_size and index < len(pending) - 1:
+            if n_windows < tagger.batch_size and index < len(paths) - 1:
                 continue  # gather more files so the batch is full
             yield from _score(tagger, group, segments)
             bar.update(len(group))
