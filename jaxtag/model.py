@@ -41,6 +41,10 @@ FRONT_END_MULTIPLIER = sum(m for *_, m in VERTICAL_BRANCHES) + sum(
 BN_EPS = 1e-5  # PyTorch BatchNorm default
 BN_MOMENTUM = 0.1  # PyTorch convention: new = (1 - m) * old + m * batch
 LN_EPS = 1e-12  # BERT LayerNorm
+# Output rows per block of the training-time banded convolution (see `vertical_conv`): the
+# 38-row filters' 59 rows run as 5 blocks reading 49 input rows each, not 59 reading all 96.
+# 6 to 20 measured alike on a 2-core CPU; fewer rows make the matrices too thin.
+BLOCK_ROWS = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,11 +142,14 @@ class BatchNorm(nn.Module):
     epsilon: float = BN_EPS
 
     @nn.compact
-    def coefficients(
+    def statistics(
         self, features: int, train: bool, moments: tuple[Array, Array, Any] | None = None
-    ) -> tuple[Array, Array]:
-        """(a, c) with BN(x) = a * x + c per channel; in training `moments` are the batch's
-        (mean, var, count), which also update the running statistics."""
+    ) -> tuple[Array, Array, Array, Array]:
+        """(mean, 1 / std, scale, bias) with BN(x) = scale * (x - mean) / std + bias per channel.
+
+        In training `moments` are the batch's (mean, var, count), which also update the running
+        statistics; otherwise the running statistics are used.
+        """
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
@@ -155,7 +162,14 @@ class BatchNorm(nn.Module):
                 ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
         else:
             mean, var = ra_mean.value, ra_var.value
-        a = scale * jax.lax.rsqrt(var + self.epsilon)
+        return mean, jax.lax.rsqrt(var + self.epsilon), scale, bias
+
+    def coefficients(
+        self, features: int, train: bool, moments: tuple[Array, Array, Any] | None = None
+    ) -> tuple[Array, Array]:
+        """(a, c) with BN(x) = a * x + c per channel (see `statistics`)."""
+        mean, inv_std, scale, bias = self.statistics(features, train, moments)
+        a = scale * inv_std
         return a, bias - mean * a
 
     def __call__(self, x: Array, train: bool) -> Array:
@@ -166,21 +180,31 @@ class BatchNorm(nn.Module):
         return (x.astype(jnp.float32) * a + c).astype(x.dtype)
 
 
-def batch_moments(x: Array, axis_name: str | None) -> tuple[Array, Array, Any]:
+def batch_moments(
+    x: Array, axis_name: str | None, weights: np.ndarray | None = None
+) -> tuple[Array, Array, Any]:
     """Per-channel (last axis) mean, biased variance and count over all other axes, and over
     the devices of `axis_name`: the global batch's statistics under pmap.
 
     Two passes (mean, then mean squared deviation), as PyTorch: E[x^2] - E[x]^2 loses digits in
-    float32 when the mean is large next to the spread (dB inputs, conv maps).
+    float32 when the mean is large next to the spread (dB inputs, conv maps). `weights`
+    (broadcastable to x without its channel axis, plus a trailing 1) counts some positions
+    0 or 1 times: rows that a blocked convolution computed twice.
     """
     x32 = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
-    count = math.prod(x.shape[:-1])
-    mean = x32.mean(axes)
+    local_count = math.prod(x.shape[:-1])
+    if weights is not None:
+        local_count = local_count // math.prod(weights.shape[:-1]) * int(weights.sum())
+
+    def local_mean(values: Array) -> Array:
+        return (values if weights is None else values * weights).sum(axes) / local_count
+
+    mean, count = local_mean(x32), local_count
     if axis_name is not None:
         mean = jax.lax.pmean(mean, axis_name)
         count = count * jax.lax.psum(1, axis_name)
-    var = jnp.square(x32 - mean).mean(axes)
+    var = local_mean(jnp.square(x32 - mean))
     if axis_name is not None:
         var = jax.lax.pmean(var, axis_name)
     return mean, var, count
@@ -225,14 +249,17 @@ def _pad_width(kernel: Array, width: int) -> Array:
     return jnp.pad(kernel, ((0, 0), (pad, pad), (0, 0), (0, 0)))
 
 
-def vertical_conv(x: Array, kernel: Array, train: bool) -> Array:
+def vertical_conv(x: Array, kernel: Array, train: bool) -> tuple[Array, np.ndarray | None]:
     """Valid-in-frequency, same-in-time conv of (B, F, T) with an (h, w, 1, C) kernel.
 
-    Returns (B, F - h + 1, T, C). Inference uses XLA's convolution directly. Training uses the
-    same sum written as a 1D convolution over time whose input channels are the F mel bins and
-    whose output channels are (row, channel) pairs, with a banded (Toeplitz) kernel built from
-    the (h, w) filter: XLA's CPU kernel gradient for a 1-channel, 86-row filter is ~4x slower
-    than this dense form, whose gradient is a plain matrix product.
+    Returns `(y, row_weights)`: y is (B, blocks, T, block_rows, C), the F - h + 1 output rows
+    split into blocks; `row_weights` (blocks, 1, block_rows, 1) counts each output row once
+    (blocks may overlap), or None when every row appears once. Inference uses XLA's
+    convolution directly (blocks of one row). Training writes the same sum as a 1D convolution
+    over time: each block of output rows reads a span of input rows as channels through a
+    banded (Toeplitz) kernel, shared by all blocks. XLA's CPU kernel gradient for a 1-channel,
+    86-row filter is ~4x slower than this dense form, whose gradient is a plain matrix product;
+    blocks keep the band's zero fill small for short filters.
     """
     n_freq, n_time = x.shape[1], x.shape[2]
     h, w, _, c = kernel.shape
@@ -245,19 +272,38 @@ def vertical_conv(x: Array, kernel: Array, train: bool) -> Array:
             padding=((0, 0), (w // 2, w // 2)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        return y
-    offset = np.arange(n_freq)[:, None] - np.arange(rows)[None, :]  # (F, rows): filter row
+        return y[:, :, :, None, :], None
+    block = min(rows, BLOCK_ROWS)
+    blocks = -(-rows // block)
+    span = block + h - 1
+    # The last block starts early enough to stay inside the input; rows it repeats get weight 0.
+    starts = np.minimum(np.arange(blocks) * block, rows - block)
+    first = np.arange(blocks)[:, None] * block <= starts[:, None] + np.arange(block)[None, :]
+    spans = jnp.swapaxes(x, 1, 2)[:, :, starts[:, None] + np.arange(span)[None, :]]
+    spans = jnp.swapaxes(spans, 1, 2).reshape(-1, n_time, span)  # (B * blocks, T, span)
+    offset = np.arange(span)[:, None] - np.arange(block)[None, :]  # (span, block): filter row
     inside = (offset >= 0) & (offset < h)
     banded = jnp.where(inside[:, :, None, None], kernel[np.clip(offset, 0, h - 1), :, 0, :], 0)
-    banded = jnp.transpose(banded, (2, 0, 1, 3)).reshape(w, n_freq, rows * c)  # (w, F, rows*C)
+    banded = jnp.transpose(banded, (2, 0, 1, 3)).reshape(w, span, block * c)
     y = jax.lax.conv_general_dilated(
-        jnp.swapaxes(x, 1, 2),  # (B, T, F)
+        spans,
         banded,
         window_strides=(1,),
         padding=((w // 2, w // 2),),
         dimension_numbers=("NWC", "WIO", "NWC"),
     )
-    return jnp.swapaxes(y.reshape(x.shape[0], n_time, rows, c), 1, 2)
+    y = y.reshape(x.shape[0], blocks, n_time, block, c)
+    weights = None if first.all() else first[:, None, :, None].astype(np.float32)
+    return y, weights
+
+
+def inside_tap_sums(kernel: Array, n_time: int) -> Array:
+    """`vertical_conv` of an all-ones input, (T, C): the sum of the taps inside the signal
+    (fewer at the edges, where the time padding is zero)."""
+    h, w, _, c = kernel.shape
+    taps = np.arange(n_time)[:, None] + np.arange(w)[None, :] - w // 2
+    inside = ((taps >= 0) & (taps < n_time)).astype(np.float32)
+    return inside @ kernel.sum(axis=0)[:, 0, :]
 
 
 def horizontal_conv(x: Array, kernel: Array) -> Array:
@@ -283,9 +329,19 @@ class FrontEnd(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         c = cfg.conv_channels
-        x = mel[..., None]  # (B, F, T, 1): NHWC with H = frequency
-        x = BatchNorm(self.axis_name, name="input_bn")(x, train)
-        x = x.astype(dtype)
+        # The input BatchNorm has one channel: scale * x_hat + bias with x_hat the standardised
+        # mel, which depends on the data only. Since convolution is linear, the scale and bias
+        # are applied after the convolutions (bias through the taps inside the signal), so the
+        # backward pass needs no gradient with respect to the (large) convolution input.
+        moments = None
+        if train:
+            sync = self.axis_name if not self.is_initializing() else None
+            moments = batch_moments(mel[..., None], sync)
+        mean, inv_std, scale, shift = (
+            v.astype(dtype)
+            for v in BatchNorm(self.axis_name, name="input_bn").statistics(1, train, moments)
+        )
+        x = (mel.astype(dtype) - mean) * inv_std  # (B, F, T)
 
         branches = []
         for i, (frac, w, m) in enumerate(VERTICAL_BRANCHES):
@@ -302,9 +358,13 @@ class FrontEnd(nn.Module):
             max_w = max(k.shape[1] for k, _ in weights)
             kernel = jnp.concatenate([_pad_width(k, max_w) for k, _ in weights], axis=-1)
             bias = jnp.concatenate([b for _, b in weights])
-            y = vertical_conv(x[..., 0], kernel.astype(dtype), train) + bias.astype(dtype)
+            kernel = kernel.astype(dtype)
+            y, row_weights = vertical_conv(x, kernel, train)
+            offset = shift * inside_tap_sums(kernel, x.shape[2]) + bias.astype(dtype)  # (T, C)
+            y = scale * y + offset[:, None]
             # BN + ReLU per frequency row, then the max over all remaining rows.
-            outputs.append(self.normalize_group(group, y, train).max(axis=1))  # (B, T, sum c_i)
+            y = self.normalize_group(group, y, train, row_weights)
+            outputs.append(y.max(axis=(1, 3)))  # (B, T, sum c_i)
 
         # Horizontal branches on the frequency mean, also fused into one zero-padded conv.
         group = branches[6:]
@@ -315,7 +375,8 @@ class FrontEnd(nn.Module):
             axis=-1,
         )
         bias = jnp.concatenate([b for _, b in weights])
-        y = horizontal_conv(x[..., 0].mean(axis=1), kernel[:, 0].astype(dtype)) + bias.astype(dtype)
+        freq_mean = scale * x.mean(axis=1) + shift
+        y = horizontal_conv(freq_mean, kernel[:, 0].astype(dtype)) + bias.astype(dtype)
         outputs.append(self.normalize_group(group, y, train))
 
         x = jnp.concatenate(outputs, axis=-1)  # (B, T, 29 * C)
@@ -331,7 +392,9 @@ class FrontEnd(nn.Module):
         x = BatchNorm(self.axis_name, name="bn")(x, train)
         return nn.relu(x)
 
-    def normalize_group(self, group: list[Branch], y: Array, train: bool) -> Array:
+    def normalize_group(
+        self, group: list[Branch], y: Array, train: bool, weights: np.ndarray | None = None
+    ) -> Array:
         """ReLU(BN(y)) for the concatenated channels of a group of branches, in one pass.
 
         Each branch keeps its own BatchNorm parameters and statistics; the per-channel affine
@@ -342,7 +405,7 @@ class FrontEnd(nn.Module):
         moments = None
         if train:
             sync = self.axis_name if not self.is_initializing() else None
-            moments = batch_moments(y, sync)
+            moments = batch_moments(y, sync, weights)
         coefficients = []
         for branch, lo, hi in zip(
             group, np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes), strict=True
