@@ -329,10 +329,10 @@ class FrontEnd(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         c = cfg.conv_channels
-        # The input BatchNorm has one channel: scale * x_hat + bias with x_hat the standardised
-        # mel, which depends on the data only. Since convolution is linear, the scale and bias
-        # are applied after the convolutions (bias through the taps inside the signal), so the
-        # backward pass needs no gradient with respect to the (large) convolution input.
+        # The input BatchNorm has one channel: scale * x_hat + shift with x_hat the standardised
+        # mel, which depends on the data only. In training, since convolution is linear, scale
+        # and shift are applied after the vertical convolutions (shift through the taps inside
+        # the signal), so the backward pass needs no gradient for the large convolution input.
         moments = None
         if train:
             sync = self.axis_name if not self.is_initializing() else None
@@ -341,7 +341,8 @@ class FrontEnd(nn.Module):
             v.astype(dtype)
             for v in BatchNorm(self.axis_name, name="input_bn").statistics(1, train, moments)
         )
-        x = (mel.astype(dtype) - mean) * inv_std  # (B, F, T)
+        x_hat = (mel.astype(dtype) - mean) * inv_std  # (B, F, T)
+        normalized = scale * x_hat + shift
 
         branches = []
         for i, (frac, w, m) in enumerate(VERTICAL_BRANCHES):
@@ -358,10 +359,14 @@ class FrontEnd(nn.Module):
             max_w = max(k.shape[1] for k, _ in weights)
             kernel = jnp.concatenate([_pad_width(k, max_w) for k, _ in weights], axis=-1)
             bias = jnp.concatenate([b for _, b in weights])
-            kernel = kernel.astype(dtype)
-            y, row_weights = vertical_conv(x, kernel, train)
-            offset = shift * inside_tap_sums(kernel, x.shape[2]) + bias.astype(dtype)  # (T, C)
-            y = scale * y + offset[:, None]
+            kernel, bias = kernel.astype(dtype), bias.astype(dtype)
+            if train:
+                y, row_weights = vertical_conv(x_hat, kernel, train)
+                offset = shift * inside_tap_sums(kernel, x_hat.shape[2]) + bias  # (T, C)
+                y = scale * y + offset[:, None]
+            else:
+                y, row_weights = vertical_conv(normalized, kernel, train)
+                y = y + bias
             # BN + ReLU per frequency row, then the max over all remaining rows.
             y = self.normalize_group(group, y, train, row_weights)
             outputs.append(y.max(axis=(1, 3)))  # (B, T, sum c_i)
@@ -375,8 +380,9 @@ class FrontEnd(nn.Module):
             axis=-1,
         )
         bias = jnp.concatenate([b for _, b in weights])
-        freq_mean = scale * x.mean(axis=1) + shift
-        y = horizontal_conv(freq_mean, kernel[:, 0].astype(dtype)) + bias.astype(dtype)
+        y = horizontal_conv(normalized.mean(axis=1), kernel[:, 0].astype(dtype)) + bias.astype(
+            dtype
+        )
         outputs.append(self.normalize_group(group, y, train))
 
         x = jnp.concatenate(outputs, axis=-1)  # (B, T, 29 * C)
