@@ -151,14 +151,17 @@ def evaluate_split(
     batch_size: int,
     output_order: np.ndarray | None = None,
     progress: bool = True,
+    predict_fn: PredictFn | None = None,
 ) -> dict[str, Any]:
     """Host-side variables in, metrics out: predicts every clip of the split and scores it.
 
     `output_order[i]` is the model output that scores `tag_names[i]` (default: the same order).
+    `predict_fn` (from `make_predict_fn(model)`) lets repeated calls reuse one compilation.
     """
     batches, total = split_batches(builder, split, batch_size)
     replicated = flax.jax_utils.replicate(dict(variables))
-    probs, labels = predict_dataset(make_predict_fn(model), replicated, batches, total, progress)
+    predict_fn = predict_fn or make_predict_fn(model)
+    probs, labels = predict_dataset(predict_fn, replicated, batches, total, progress)
     if output_order is not None:
         probs = probs[:, output_order]
     return compute_metrics(probs, labels, tag_names)

@@ -41,9 +41,9 @@ FRONT_END_MULTIPLIER = sum(m for *_, m in VERTICAL_BRANCHES) + sum(
 BN_EPS = 1e-5  # PyTorch BatchNorm default
 BN_MOMENTUM = 0.1  # PyTorch convention: new = (1 - m) * old + m * batch
 LN_EPS = 1e-12  # BERT LayerNorm
-# Output rows per block of the training-time banded convolution (see `vertical_conv`): the
+# Output rows per block of the banded vertical convolution (see `vertical_conv`): the
 # 38-row filters' 59 rows run as 5 blocks reading 49 input rows each, not 59 reading all 96.
-# 6 to 20 measured alike on a 2-core CPU; fewer rows make the matrices too thin.
+# 6 to 20 measured alike on a 2-core CPU.
 BLOCK_ROWS = 12
 
 
@@ -249,30 +249,23 @@ def _pad_width(kernel: Array, width: int) -> Array:
     return jnp.pad(kernel, ((0, 0), (pad, pad), (0, 0), (0, 0)))
 
 
-def vertical_conv(x: Array, kernel: Array, train: bool) -> tuple[Array, np.ndarray | None]:
+def vertical_conv(x: Array, kernel: Array) -> tuple[Array, np.ndarray | None]:
     """Valid-in-frequency, same-in-time conv of (B, F, T) with an (h, w, 1, C) kernel.
 
     Returns `(y, row_weights)`: y is (B, blocks, T, block_rows, C), the F - h + 1 output rows
     split into blocks; `row_weights` (blocks, 1, block_rows, 1) counts each output row once
-    (blocks may overlap), or None when every row appears once. Inference uses XLA's
-    convolution directly (blocks of one row). Training writes the same sum as a 1D convolution
-    over time: each block of output rows reads a span of input rows as channels through a
-    banded (Toeplitz) kernel, shared by all blocks. XLA's CPU kernel gradient for a 1-channel,
-    86-row filter is ~4x slower than this dense form, whose gradient is a plain matrix product;
-    blocks keep the band's zero fill small for short filters.
+    (blocks may overlap), or None when every row appears once.
+
+    The sum is written as a 1D convolution over time: each block of output rows reads a span of
+    input rows as channels through a banded (Toeplitz) kernel shared by all blocks, so forward
+    and backward passes are dense matrix products. On CPU, XLA's direct convolution of a
+    1-channel input is no faster in the forward pass (1.6x slower for narrow models) and its
+    kernel gradient for an 86-row filter ~4x slower; blocks keep the band's zero fill small
+    for short filters.
     """
     n_freq, n_time = x.shape[1], x.shape[2]
     h, w, _, c = kernel.shape
     rows = n_freq - h + 1
-    if not train:
-        y = jax.lax.conv_general_dilated(
-            x[..., None],
-            kernel,
-            window_strides=(1, 1),
-            padding=((0, 0), (w // 2, w // 2)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        return y[:, :, :, None, :], None
     block = min(rows, BLOCK_ROWS)
     blocks = -(-rows // block)
     span = block + h - 1
@@ -330,9 +323,9 @@ class FrontEnd(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         c = cfg.conv_channels
         # The input BatchNorm has one channel: scale * x_hat + shift with x_hat the standardised
-        # mel, which depends on the data only. In training, since convolution is linear, scale
-        # and shift are applied after the vertical convolutions (shift through the taps inside
-        # the signal), so the backward pass needs no gradient for the large convolution input.
+        # mel, which depends on the data only. Since convolution is linear, scale and shift are
+        # applied after the vertical convolutions (shift through the taps inside the signal), so
+        # the backward pass needs no gradient for the large convolution input.
         moments = None
         if train:
             sync = self.axis_name if not self.is_initializing() else None
@@ -342,7 +335,6 @@ class FrontEnd(nn.Module):
             for v in BatchNorm(self.axis_name, name="input_bn").statistics(1, train, moments)
         )
         x_hat = (mel.astype(dtype) - mean) * inv_std  # (B, F, T)
-        normalized = scale * x_hat + shift
 
         branches = []
         for i, (frac, w, m) in enumerate(VERTICAL_BRANCHES):
@@ -359,14 +351,10 @@ class FrontEnd(nn.Module):
             max_w = max(k.shape[1] for k, _ in weights)
             kernel = jnp.concatenate([_pad_width(k, max_w) for k, _ in weights], axis=-1)
             bias = jnp.concatenate([b for _, b in weights])
-            kernel, bias = kernel.astype(dtype), bias.astype(dtype)
-            if train:
-                y, row_weights = vertical_conv(x_hat, kernel, train)
-                offset = shift * inside_tap_sums(kernel, x_hat.shape[2]) + bias  # (T, C)
-                y = scale * y + offset[:, None]
-            else:
-                y, row_weights = vertical_conv(normalized, kernel, train)
-                y = y + bias
+            kernel = kernel.astype(dtype)
+            y, row_weights = vertical_conv(x_hat, kernel)
+            offset = shift * inside_tap_sums(kernel, x_hat.shape[2]) + bias.astype(dtype)
+            y = scale * y + offset[:, None]  # offset: (T, C)
             # BN + ReLU per frequency row, then the max over all remaining rows.
             y = self.normalize_group(group, y, train, row_weights)
             outputs.append(y.max(axis=(1, 3)))  # (B, T, sum c_i)
@@ -380,9 +368,8 @@ class FrontEnd(nn.Module):
             axis=-1,
         )
         bias = jnp.concatenate([b for _, b in weights])
-        y = horizontal_conv(normalized.mean(axis=1), kernel[:, 0].astype(dtype)) + bias.astype(
-            dtype
-        )
+        freq_mean = scale * x_hat.mean(axis=1) + shift
+        y = horizontal_conv(freq_mean, kernel[:, 0].astype(dtype)) + bias.astype(dtype)
         outputs.append(self.normalize_group(group, y, train))
 
         x = jnp.concatenate(outputs, axis=-1)  # (B, T, 29 * C)

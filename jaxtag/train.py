@@ -264,6 +264,7 @@ def train_and_evaluate(
     state = flax.jax_utils.replicate(template)
     p_train_step = make_p_train_step(schedule)
     eval_model = MTSA(model_config)
+    eval_predict = evaluate.make_predict_fn(eval_model)  # built once: compiled once per run
     train_batches = input_pipeline.train_iterator(
         builder,
         config.train_split,
@@ -342,6 +343,7 @@ def train_and_evaluate(
                 tags,
                 config.eval_batch_size,
                 progress=False,
+                predict_fn=eval_predict,
             )
             metrics_summary = evaluate.summary(last_metrics)
             if metrics_summary[checkpoint.BEST_METRIC] > best_metric:
