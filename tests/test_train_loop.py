@@ -26,7 +26,7 @@ def tiny_config(dataset_dir: str):
 
 
 def losses(workdir) -> dict[int, float]:
-    lines = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return {d["step"]: d["train/loss"] for d in lines if "train/loss" in d}
 
 
