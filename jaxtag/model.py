@@ -295,7 +295,7 @@ def inside_tap_sums(kernel: Array, n_time: int) -> Array:
     (fewer at the edges, where the time padding is zero)."""
     h, w, _, c = kernel.shape
     taps = np.arange(n_time)[:, None] + np.arange(w)[None, :] - w // 2
-    inside = ((taps >= 0) & (taps < n_time)).astype(np.float32)
+    inside = jnp.asarray((taps >= 0) & (taps < n_time), kernel.dtype)  # keeps bf16 as bf16
     return inside @ kernel.sum(axis=0)[:, 0, :]
 
 
