@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on a dataset split: macro and per-tag ROC-AUC / PR-AUC.
+r"""Evaluate a checkpoint on a dataset split: macro and per-tag ROC-AUC / PR-AUC.
 
     python run_eval.py --checkpoint runs/mtat --data_dir ~/tensorflow_datasets \
         --dataset magnatagatune --split test

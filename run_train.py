@@ -1,4 +1,4 @@
-"""Train the self-attention music tagger.
+r"""Train the self-attention music tagger.
 
     python run_train.py --config configs/mtat.py --workdir runs/mtat \
         --config.data_dir ~/tensorflow_datasets --config.global_batch_size 32
