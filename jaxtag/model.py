@@ -243,10 +243,21 @@ class Branch(nn.Module):
         return self.bn.coefficients(features, train, moments)
 
 
-def _pad_width(kernel: Array, width: int) -> Array:
-    """Zero-pads a (h, w, 1, c) kernel symmetrically to width `width` (odd w, same centre)."""
-    pad = (width - kernel.shape[1]) // 2
-    return jnp.pad(kernel, ((0, 0), (pad, pad), (0, 0), (0, 0)))
+def fuse_kernels(weights: list[tuple[Array, Array]], axis: int) -> tuple[Array, Array]:
+    """One convolution for several branches: each (kernel, bias) kernel zero-padded on `axis`
+    to the longest (odd sizes, same centre, so the result is exact), then kernels and biases
+    concatenated on the output-channel axis."""
+    size = max(k.shape[axis] for k, _ in weights)
+
+    def pad(kernel: Array) -> Array:
+        widths = [(0, 0)] * kernel.ndim
+        widths[axis] = ((size - kernel.shape[axis]) // 2,) * 2
+        return jnp.pad(kernel, widths)
+
+    return (
+        jnp.concatenate([pad(k) for k, _ in weights], axis=-1),
+        jnp.concatenate([b for _, b in weights]),
+    )
 
 
 def vertical_conv(x: Array, kernel: Array) -> tuple[Array, np.ndarray | None]:
@@ -293,7 +304,7 @@ def vertical_conv(x: Array, kernel: Array) -> tuple[Array, np.ndarray | None]:
 def inside_tap_sums(kernel: Array, n_time: int) -> Array:
     """`vertical_conv` of an all-ones input, (T, C): the sum of the taps inside the signal
     (fewer at the edges, where the time padding is zero)."""
-    h, w, _, c = kernel.shape
+    w = kernel.shape[1]
     taps = np.arange(n_time)[:, None] + np.arange(w)[None, :] - w // 2
     inside = jnp.asarray((taps >= 0) & (taps < n_time), kernel.dtype)  # keeps bf16 as bf16
     return inside @ kernel.sum(axis=0)[:, 0, :]
@@ -326,10 +337,7 @@ class FrontEnd(nn.Module):
         # mel, which depends on the data only. Since convolution is linear, scale and shift are
         # applied after the vertical convolutions (shift through the taps inside the signal), so
         # the backward pass needs no gradient for the large convolution input.
-        moments = None
-        if train:
-            sync = self.axis_name if not self.is_initializing() else None
-            moments = batch_moments(mel[..., None], sync)
+        moments = self.synced_moments(mel[..., None]) if train else None
         mean, inv_std, scale, shift = (
             v.astype(dtype)
             for v in BatchNorm(self.axis_name, name="input_bn").statistics(1, train, moments)
@@ -344,13 +352,9 @@ class FrontEnd(nn.Module):
             branches.append(Branch((k, 1, m * c), self.axis_name, name=f"layers_{i}"))
 
         outputs = []
-        # Branches sharing a filter height run as one convolution: kernels zero-padded to the
-        # widest width (same centre, so the result is exact) and concatenated on the output axis.
+        # Branches sharing a filter height run as one convolution (widths padded to the widest).
         for group in (branches[0:3], branches[3:6]):
-            weights = [b.weights() for b in group]
-            max_w = max(k.shape[1] for k, _ in weights)
-            kernel = jnp.concatenate([_pad_width(k, max_w) for k, _ in weights], axis=-1)
-            bias = jnp.concatenate([b for _, b in weights])
+            kernel, bias = fuse_kernels([b.weights() for b in group], axis=1)
             kernel = kernel.astype(dtype)
             y, row_weights = vertical_conv(x_hat, kernel)
             offset = shift * inside_tap_sums(kernel, x_hat.shape[2]) + bias.astype(dtype)
@@ -361,13 +365,7 @@ class FrontEnd(nn.Module):
 
         # Horizontal branches on the frequency mean, also fused into one zero-padded conv.
         group = branches[6:]
-        weights = [b.weights() for b in group]
-        max_k = max(k.shape[0] for k, _ in weights)
-        kernel = jnp.concatenate(
-            [jnp.pad(k, (((max_k - k.shape[0]) // 2,) * 2, (0, 0), (0, 0))) for k, _ in weights],
-            axis=-1,
-        )
-        bias = jnp.concatenate([b for _, b in weights])
+        kernel, bias = fuse_kernels([b.weights() for b in group], axis=0)
         freq_mean = scale * x_hat.mean(axis=1) + shift
         y = horizontal_conv(freq_mean, kernel[:, 0].astype(dtype)) + bias.astype(dtype)
         outputs.append(self.normalize_group(group, y, train))
@@ -385,6 +383,13 @@ class FrontEnd(nn.Module):
         x = BatchNorm(self.axis_name, name="bn")(x, train)
         return nn.relu(x)
 
+    def synced_moments(
+        self, x: Array, weights: np.ndarray | None = None
+    ) -> tuple[Array, Array, Any]:
+        """`batch_moments` over this device's batch and, under pmap, all devices' (not at init)."""
+        sync = self.axis_name if not self.is_initializing() else None
+        return batch_moments(x, sync, weights)
+
     def normalize_group(
         self, group: list[Branch], y: Array, train: bool, weights: np.ndarray | None = None
     ) -> Array:
@@ -395,10 +400,7 @@ class FrontEnd(nn.Module):
         per branch costs more than the convolution's own output pass.
         """
         sizes = [b.kernel_shape[-1] for b in group]
-        moments = None
-        if train:
-            sync = self.axis_name if not self.is_initializing() else None
-            moments = batch_moments(y, sync, weights)
+        moments = self.synced_moments(y, weights) if train else None
         coefficients = []
         for branch, lo, hi in zip(
             group, np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes), strict=True
