@@ -47,6 +47,13 @@ LN_EPS = 1e-12  # BERT LayerNorm
 BLOCK_ROWS = 12
 
 
+# ModelConfig fields that a run may change freely (speed, regularisation): they change neither
+# the parameter tree nor what converted weights compute in float32.
+RUNTIME_FIELDS = frozenset(
+    {"attention_dropout", "hidden_dropout", "classifier_dropout", "dtype", "precision", "front_end"}
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild the network; shared by converter, training and checkpoints.
@@ -67,6 +74,13 @@ class ModelConfig:
     hidden_dropout: float = 0.1
     classifier_dropout: float = 0.5
     dtype: str = "float32"  # compute dtype; parameters always stay float32
+    # Matrix-product / convolution precision for float32 compute: "highest" is true float32 on
+    # every backend (GPUs would otherwise use TF32); "high" (bf16x3) and "default" (TF32 on
+    # NVIDIA GPUs, bf16 passes on TPU) are opt-in faster modes.
+    precision: str = "highest"
+    # Front-end kernels: "reference" (readable convolutions), "banded" (the fast CPU kernels of
+    # jaxtag/kernels.py) or "auto" (chosen per backend). Same parameters and results either way.
+    front_end: str = "auto"
 
     def __post_init__(self) -> None:
         if self.positions not in ("learned", "sinusoidal"):
@@ -75,9 +89,19 @@ class ModelConfig:
             raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.precision not in ("highest", "high", "default"):
+            raise ValueError(f"precision must be highest, high or default, got {self.precision!r}")
+        if self.front_end not in ("auto", "reference", "banded"):
+            raise ValueError(
+                f"front_end must be auto, reference or banded, got {self.front_end!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that shape the parameters and the function; RUNTIME_FIELDS left out."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
