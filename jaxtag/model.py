@@ -92,9 +92,7 @@ class ModelConfig:
         if self.precision not in ("highest", "high", "default"):
             raise ValueError(f"precision must be highest, high or default, got {self.precision!r}")
         if self.front_end not in ("auto", "reference", "banded"):
-            raise ValueError(
-                f"front_end must be auto, reference or banded, got {self.front_end!r}"
-            )
+            raise ValueError(f"front_end must be auto, reference or banded, got {self.front_end!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -656,9 +654,33 @@ class MTSA(nn.Module):
 
     def classify(self, cls: Array, train: bool = False) -> Array:
         """Pooler (tanh) on the CLS state, dropout, classifier: (B, width) -> logits (B, tags)."""
-        pooled = jnp.tanh(self.pooler(cls))
+        return self.head(jnp.tanh(self.pooler(cls)), train)
+
+    def head(self, pooled: Array, train: bool = False) -> Array:
+        """Dropout and the classifier on the pooled output: (B, width) -> logits (B, tags)."""
         pooled = self.dropout(pooled, deterministic=not train)
         return self.classifier(pooled).astype(jnp.float32)
+
+    def features(self, mel: Array, train: bool = False) -> Array:
+        """The pooled output the classifier reads (tanh pooler on CLS): (B, F, T) -> (B, width).
+
+        `head(features(mel))` equals `__call__(mel)`; fine-tuning a head on a frozen backbone
+        and `jaxtag embed` use the two halves.
+        """
+        cls, _ = self.encoder(self.embed(mel, train), train)
+        return jnp.tanh(self.pooler(cls))
+
+    def representations(self, mel: Array) -> dict[str, Array]:
+        """Eval-mode representations by name, each (B, width): `front_end` (mean over frames),
+        `layer_<i>` (mean over the tokens leaving encoder layer i) and `pooled` (`features`)."""
+        front = self.front_end(mel, False)
+        out = {"front_end": front.mean(axis=1)}
+        x = self.embed(mel)
+        for i in range(self.config.num_layers):
+            x, _ = self.encoder.layer[i](x, False)
+            out[f"layer_{i}"] = x.mean(axis=1)
+        out["pooled"] = jnp.tanh(self.pooler(x[:, 0]))
+        return out
 
     def hidden_before(self, mel: Array, layer: int) -> Array:
         """Eval-mode hidden states entering encoder layer `layer` (B, S, width)."""
