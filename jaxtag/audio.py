@@ -67,11 +67,18 @@ class AudioError(ValueError):
     """An audio file cannot be used: missing, undecodable, empty or not finite. Names the file."""
 
 
-def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
-    """Decodes ``path`` to a mono float32 signal at ``sr`` Hz.
+def load_audio(
+    path: str | os.PathLike,
+    sr: int = SAMPLE_RATE,
+    offset: float = 0.0,
+    duration: float | None = None,
+) -> np.ndarray:
+    """Decodes ``path`` (or ``duration`` s of it from ``offset``) to mono float32 at ``sr`` Hz.
 
     Channels are averaged and the signal resampled with soxr ('soxr_hq'), which is exactly what
-    ``librosa.load(path, sr=sr)`` does, so results match the original preprocessing.
+    ``librosa.load(path, sr=sr)`` does, so results match the original preprocessing. With
+    ``offset``/``duration`` only that part of the file is decoded (a seek), so a few seconds of
+    an hour-long file cost a few seconds of memory.
 
     Raises:
       AudioError: the file is missing, cannot be decoded, holds no samples or non-finite samples.
@@ -81,12 +88,21 @@ def load_audio(path: str | os.PathLike, sr: int = SAMPLE_RATE) -> np.ndarray:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise AudioError(f"{path}: no such audio file")
+    if offset < 0 or (duration is not None and duration <= 0):
+        raise ValueError(f"offset must be >= 0 and duration > 0, got {offset}, {duration}")
     try:
-        data, file_sr = sf.read(path, dtype="float32", always_2d=True)
+        with sf.SoundFile(path) as f:
+            file_sr = f.samplerate
+            start = min(int(round(offset * file_sr)), f.frames)
+            if start:
+                f.seek(start)
+            count = -1 if duration is None else int(round(duration * file_sr))
+            data = f.read(count, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types (LibsndfileError, RuntimeError...).
         raise AudioError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from e
     if data.size == 0:
-        raise AudioError(f"{path}: the file holds no audio samples")
+        where = f" after {offset:g} s" if offset else ""
+        raise AudioError(f"{path}: the file holds no audio samples{where}")
     y = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if not np.all(np.isfinite(y)):
         raise AudioError(f"{path}: decoded audio contains NaN or infinite samples")
