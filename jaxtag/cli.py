@@ -19,6 +19,7 @@ COMMANDS = {
     "info": ("jaxtag.info", "print a checkpoint's model config, tags and parameter count"),
     "tag": ("jaxtag.inference", "tag audio files (whole-file and per-window predictions)"),
     "explain": ("jaxtag.explain", "draw attention and tag-wise contribution heat maps for a chunk"),
+    "export": ("jaxtag.export", "write a checkpoint as an ONNX file for serving without JAX"),
 }
 
 

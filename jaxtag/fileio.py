@@ -10,6 +10,22 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why `path` cannot be written as a file, or None: it is a directory, or the nearest existing
+    folder on its way is a file or not writable. Commands check before their long work."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a directory"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{path}: {parent} is not a directory"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{path}: {parent} is not writable"
+            break
+    return None
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
     """Opens a temporary file beside `path`; on a clean exit it replaces `path` in one rename.
