@@ -1,0 +1,144 @@
+"""CPU inference engines for the released layout: jaxtag (XLA, optionally with XLA_FLAGS),
+onnxruntime on the `jaxtag export` graph, and the PyTorch reference, same machine, same run.
+
+    python bench/bench_engines.py                       # batch 16, 3 interleaved rounds
+    python bench/bench_engines.py --rounds 5 --xla-flags=--xla_cpu_use_onednn=true
+
+Each measurement runs in its own process (bench/bench_model.py's workers for jaxtag and torch);
+the engines take turns round by round, so load from other processes on a shared machine hits
+them alike. All use every core. Prints ex/s per round, the median, and the CPU model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_model  # noqa: E402  (the jaxtag and torch workers and the timing loop)
+
+REPO = bench_model.REPO
+
+
+def worker_onnx(batch: int, args: argparse.Namespace) -> dict:
+    import jax
+    import numpy as np
+    import onnxruntime as ort
+
+    from jaxtag import export
+    from jaxtag.model import ModelConfig, init_variables
+
+    config = ModelConfig()
+    variables = init_variables(config, jax.random.PRNGKey(0), bench_model.FRAMES)
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    tags = [str(i) for i in range(config.num_tags)]
+    model_bytes = export.build_graph(config, variables, tags).SerializeToString()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    rng = np.random.RandomState(0)
+    mel = rng.uniform(-80, 40, (batch, config.n_mels, bench_model.FRAMES)).astype(np.float32)
+
+    def step() -> None:
+        session.run(["probabilities"], {export.INPUT: mel})
+
+    step()
+    start_s = time.perf_counter() - t0
+    seconds = bench_model._time_loop(step, args.warmup, args.min_seconds, args.min_iters)
+    return {
+        "examples_per_s": batch / seconds,
+        "compile_s": start_s,
+        "peak_rss_mb": bench_model._peak_rss_mb(),
+        "version": f"onnxruntime {ort.__version__}, {options.intra_op_num_threads} threads",
+    }
+
+
+def run_worker(engine: str, batch: int, args: argparse.Namespace, xla_flags: str = "") -> dict:
+    env = dict(os.environ)
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
+    if engine == "onnx":
+        cmd = [sys.executable, __file__, "--worker", "onnx"]
+    else:  # bench_model's own worker, inference mode
+        cmd = [sys.executable, bench_model.__file__, "--worker", engine, "--mode", "infer"]
+        cmd += ["--dtype", "float32"]
+    cmd += ["--batch", str(batch), "--warmup", str(args.warmup)]
+    cmd += ["--min-seconds", str(args.min_seconds), "--min-iters", str(args.min_iters)]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{engine} {xla_flags} batch {batch} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    name = fields.get("Model name", "?").strip()
+    family, model = fields.get("CPU family", "").strip(), fields.get("Model", "").strip()
+    return f"{name} (family {family}, model {model}), {os.cpu_count()} cores"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--xla-flags",
+        action="append",
+        help="XLA_FLAGS for one more jaxtag measurement (repeatable; write --xla-flags=--flag=v); "
+        "JAX's defaults are always measured",
+    )
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--min-seconds", type=float, default=6.0)
+    parser.add_argument("--min-iters", type=int, default=3)
+    parser.add_argument("--worker", choices=["onnx"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        print(json.dumps(worker_onnx(args.batch, args)))
+        return
+
+    engines = [("onnxruntime", "onnx", "")]
+    engines += [
+        (f"jaxtag {flags or '(default XLA flags)'}", "jax", flags)
+        for flags in ["", *(args.xla_flags or [])]
+    ]
+    if not args.no_torch:
+        engines.append(("torch reference", "torch", ""))
+    rates: dict[str, list[float]] = {name: [] for name, _, _ in engines}
+    versions = {}
+    for round_index in range(args.rounds):
+        for name, engine, flags in engines:
+            result = run_worker(engine, args.batch, args, flags)
+            rates[name].append(result["examples_per_s"])
+            versions[engine] = result["version"]
+            print(f"round {round_index + 1} {name:<45} {result['examples_per_s']:7.1f} ex/s")
+    print(f"\nbatch {args.batch}, released layout, median of {args.rounds} rounds:")
+    torch_rate = statistics.median(rates["torch reference"]) if not args.no_torch else None
+    for name, values in rates.items():
+        median = statistics.median(values)
+        ratio = f"  {median / torch_rate:.2f}x torch" if torch_rate else ""
+        print(f"  {name:<45} {median:7.1f} ex/s{ratio}")
+    print(
+        f"\nmachine: {cpu_model()}; Python {platform.python_version()}; "
+        f"{'; '.join(versions.values())}; {time.strftime('%Y-%m-%d %H:%M')}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
