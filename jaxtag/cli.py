@@ -1,7 +1,9 @@
 """The `jaxtag` console command: everyday jobs on checkpoints and audio.
 
 Each subcommand lives in the module that owns its stage and exposes
-`add_arguments(parser)` and `run(args) -> int`; this file only wires them together.
+`add_arguments(parser)` and `run(args) -> int`; this file only wires them together. Only the
+module of the command being run is imported, and command modules import JAX inside their
+functions, so `jaxtag --help` and `jaxtag CMD --help` answer without loading JAX.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help). Modules are imported lazily so `jaxtag --help` stays fast.
+import jaxtag
+
+# name -> (module, one-line help).
 COMMANDS = {
     "convert": (
         "jaxtag.convert",
@@ -18,29 +22,49 @@ COMMANDS = {
     ),
     "info": ("jaxtag.info", "print a checkpoint's model config, tags and parameter count"),
     "tag": ("jaxtag.inference", "tag audio files (whole-file and per-window predictions)"),
-    "explain": ("jaxtag.explain", "draw attention and tag-wise contribution heat maps for a chunk"),
+    "explain": (
+        "jaxtag.explain_cli",
+        "draw attention and tag-wise contribution heat maps for a chunk",
+    ),
     "export": ("jaxtag.export", "write a checkpoint as an ONNX file for serving without JAX"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_command(argv: list[str]) -> str | None:
+    """The subcommand named in argv: the first word that is not an option of `jaxtag` itself."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in COMMANDS else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `jaxtag` parser; only `command`'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(
         prog="jaxtag",
         description="Self-attention music tagging (Won, Chun & Serra 2019) in JAX/Flax.",
     )
+    parser.add_argument("--version", action="version", version=f"jaxtag {jaxtag.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
+        if name != command:
+            sub.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
-        command = sub.add_parser(
+        parser_of_command = sub.add_parser(
             name, help=help_text, description=module.__doc__.strip().splitlines()[0]
         )
-        module.add_arguments(command)
-        command.set_defaults(run=module.run)
+        module.add_arguments(parser_of_command)
+        parser_of_command.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(_chosen_command(argv)).parse_args(argv)
+    from jaxtag.runtime import enable_compilation_cache
+
+    enable_compilation_cache()  # JAXTAG_CACHE_DIR, or "off"; before anything compiles
     return args.run(args)
 
 

@@ -18,19 +18,19 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
 import numpy as np
 
-from jaxtag.checkpoint import save_model
-from jaxtag.model import ModelConfig, init_variables
 from jaxtag.tags import MTAT_TOP50
 from jaxtag.torch_file import TorchFileError, as_state_dict, load
 
 DATA_PARALLEL_PREFIX = "module."
 WRAPPER_KEYS = ("model", "state_dict")  # {'model': state_dict} / {'state_dict': ...} checkpoints
 NUM_BATCHES_TRACKED = "num_batches_tracked"  # BatchNorm step counters: accepted, not needed
+if TYPE_CHECKING:
+    from jaxtag.model import ModelConfig
+
 SINUSOIDAL_LENGTH = 257  # the sinusoidal table has no stored rows; it must cover 256 frames + CLS
 
 # Flax module names -> torch module names where they differ (`layers_3` -> `layers.3` is generic).
@@ -100,6 +100,8 @@ def infer_config(state: Mapping[str, np.ndarray], num_heads: int = 8) -> ModelCo
 
     Missing or inconsistent tensors are not judged here: `convert_state_dict` lists them all.
     """
+    from jaxtag.model import ModelConfig  # JAX is imported on use: `jaxtag --help` stays light
+
     defaults = ModelConfig()
     layer_ids = {
         int(m.group(1))
@@ -128,6 +130,10 @@ def infer_config(state: Mapping[str, np.ndarray], num_heads: int = 8) -> ModelCo
 @functools.cache
 def _variable_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """(collection, *path) -> shape of every variable `init_variables` creates (no compute)."""
+    import jax
+
+    from jaxtag.model import init_variables
+
     try:
         tree = jax.eval_shape(functools.partial(init_variables, config), jax.random.key(0))
     except ValueError as err:  # e.g. a position table too short for 256 frames + CLS
@@ -242,6 +248,8 @@ def convert_file(
             )
     except ConversionError as err:
         raise ConversionError(f"{source}: {err}") from err
+    from jaxtag.checkpoint import save_model
+
     path = save_model(
         out_dir,
         variables,

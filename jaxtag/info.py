@@ -6,9 +6,6 @@ import argparse
 import json
 import sys
 
-from jaxtag.checkpoint import CheckpointError, load_model
-from jaxtag.model import count_params
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -19,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaxtag.checkpoint import CheckpointError, load_model
+    from jaxtag.model import count_params
+
     try:
         loaded = load_model(args.checkpoint)
     except CheckpointError as err:
