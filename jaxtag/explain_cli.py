@@ -13,6 +13,7 @@ for the dB floor: `TOP_DB` below the loudest bin of the decoded window instead o
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -29,8 +30,9 @@ class ChunkError(ValueError):
     """A chunk that the file cannot provide (e.g. --start past the end). Names the file."""
 
 
-def total_frames(path: str | Path) -> int:
-    """Mel frames of the whole file at `audio.SAMPLE_RATE`, from its header (nothing decoded)."""
+def _file_info(path: str | Path) -> tuple[int, int]:
+    """(mel frames of the whole file at `audio.SAMPLE_RATE`, the file's sample rate), from its
+    header: nothing is decoded."""
     import soundfile as sf
 
     try:
@@ -40,7 +42,7 @@ def total_frames(path: str | Path) -> int:
             f"{path}: cannot decode audio ({type(err).__name__}: {err})"
         ) from err
     samples = int(np.ceil(info.frames * audio.SAMPLE_RATE / info.samplerate))  # as resampled
-    return 1 + max(samples, audio.N_FFT) // audio.HOP
+    return 1 + max(samples, audio.N_FFT) // audio.HOP, info.samplerate
 
 
 def chunk_log_mel(path: str | Path, start_frame: int) -> np.ndarray:
@@ -53,7 +55,7 @@ def chunk_log_mel(path: str | Path, start_frame: int) -> np.ndarray:
     """
     if not Path(path).is_file():
         raise audio.AudioError(f"{path}: no such audio file")
-    n_frames = total_frames(path)
+    n_frames, file_rate = _file_info(path)
     last_start = max(n_frames - audio.CHUNK_FRAMES, 0)
     if not 0 <= start_frame <= last_start:
         raise ChunkError(
@@ -61,7 +63,10 @@ def chunk_log_mel(path: str | Path, start_frame: int) -> np.ndarray:
             f"start ({audio.frames_to_seconds(last_start):.2f} s)"
         )
     margin = audio.seconds_to_frames(MARGIN_SECONDS)
-    first = max(start_frame - margin, 0)  # the decoded window's first frame in the file
+    # The decoded window's first frame in the file, on a whole sample of the file's rate too
+    # (every 5 frames at 44.1 kHz), so resampling the window matches resampling the file.
+    step = audio.SAMPLE_RATE // math.gcd(audio.HOP * file_rate, audio.SAMPLE_RATE)
+    first = max(start_frame - margin, 0) // step * step
     seconds = audio.frames_to_seconds(start_frame + audio.CHUNK_FRAMES + margin - first)
     y = audio.load_audio(path, offset=audio.frames_to_seconds(first), duration=seconds)
     mel = audio.log_mel(y)

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from jaxtag import audio, cli, explain, inference
+from jaxtag import audio, cli, explain, explain_cli, inference
 from jaxtag.checkpoint import load_model
 from jaxtag.convert import convert_file
 from tests import torch_reference as ref
@@ -206,3 +206,119 @@ def test_tag_files_of_several_formats_rates_and_lengths(small_case, tmp_path, ca
     assert cli.main(["tag", paths[1], "--checkpoint", str(checkpoint), "--segments"]) == 0
     text = capsys.readouterr().out
     assert text.count(" s  ") == math.ceil(audio.load_log_mel(paths[1]).shape[1] / 256)
+
+
+def _explain(checkpoint, wav, out, *extra):
+    return cli.main(
+        ["explain", str(wav), "--checkpoint", str(checkpoint), "--out", str(out), *extra]
+    )
+
+
+@pytest.mark.parametrize(
+    "suffix, magic", [(".pdf", b"%PDF"), (".svg", b"<svg"), (".png", b"\x89PNG")]
+)
+def test_explain_writes_the_format_its_suffix_names(small_case, tmp_path, suffix, magic):
+    _, checkpoint = small_case
+    wav = tmp_path / "song.wav"
+    _write(wav, 5.0, 16_000)
+    out = tmp_path / f"fig{suffix}"
+    assert _explain(checkpoint, wav, out) == 0
+    head = out.read_bytes()[:400]
+    assert magic in head
+    assert set(tmp_path.iterdir()) == {wav, out}  # no temporary file left
+
+
+def _write_noise(path, seconds, rate):
+    """Noise under a slow envelope: nearly every mel bin above the 80 dB floor."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * rate)) / rate
+    y = 0.1 * rng.standard_normal(t.size) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.3 * t))
+    sf.write(path, y.astype(np.float32), rate)
+
+
+def _assert_same_above_floor(chunk, full):
+    """The chunk is the whole file's log-mel, frame for frame, except at the dB floor (top_db
+    below the decoded window's maximum, not the file's)."""
+    floor = max(full.min(), chunk.min()) + 1.0
+    above = (full > floor) & (chunk > floor)
+    assert above.mean() > 0.9
+    np.testing.assert_allclose(chunk[above], full[above], atol=1e-3)
+
+
+def _one_line_error(capsys, *words):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_explain_refuses_bad_start_and_outputs_before_drawing(small_case, tmp_path, capsys):
+    _, checkpoint = small_case
+    wav = tmp_path / "song.wav"
+    _write(wav, 5.0, 16_000)
+    assert _explain(checkpoint, wav, tmp_path / "a.png", "--start", "-5") == 2
+    _one_line_error(capsys, "--start", "-5")
+
+    assert _explain(checkpoint, wav, tmp_path / "fig.xyz") == 2
+    _one_line_error(capsys, "fig.xyz", "format")
+
+    blocker = tmp_path / "plain_file"
+    blocker.write_text("not a folder")
+    assert _explain(checkpoint, wav, blocker / "fig.png") == 2
+    _one_line_error(capsys, "plain_file", "not a directory")
+
+    # --save-npz's problem is found before the figure is drawn: no figure left behind.
+    out = tmp_path / "fig.png"
+    assert _explain(checkpoint, wav, out, "--save-npz", str(blocker / "maps.npz")) == 2
+    _one_line_error(capsys, "plain_file")
+    assert not out.exists()
+
+
+def test_explain_save_npz_creates_its_folder(small_case, tmp_path):
+    _, checkpoint = small_case
+    wav = tmp_path / "song.wav"
+    _write(wav, 5.0, 16_000)
+    npz = tmp_path / "new" / "deeper" / "maps.npz"
+    assert _explain(checkpoint, wav, tmp_path / "fig.png", "--save-npz", str(npz)) == 0
+    assert np.load(npz)["contributions"].shape == (256, 50)
+
+
+@pytest.mark.parametrize("rate", [16_000, 44_100])
+def test_explain_decodes_only_around_the_chunk(small_case, tmp_path, monkeypatch, rate):
+    _, checkpoint = small_case
+    wav = tmp_path / "long.wav"
+    _write_noise(wav, 40.0, rate)
+    decoded = []
+    load_audio = audio.load_audio
+
+    def recording_load_audio(*args, **kwargs):
+        y = load_audio(*args, **kwargs)
+        decoded.append(len(y))
+        return y
+
+    monkeypatch.setattr(audio, "load_audio", recording_load_audio)
+    npz = tmp_path / "maps.npz"
+    assert (
+        _explain(checkpoint, wav, tmp_path / "fig.png", "--start", "20", "--save-npz", str(npz))
+        == 0
+    )
+    chunk_seconds = audio.frames_to_seconds(audio.CHUNK_FRAMES)
+    assert (
+        decoded and max(decoded) <= (chunk_seconds + 2 * explain_cli.MARGIN_SECONDS + 0.1) * 16_000
+    )
+
+    full = audio.crop(audio.log_mel(load_audio(wav)), audio.seconds_to_frames(20.0))
+    _assert_same_above_floor(np.load(npz)["mel"], full)
+
+
+def test_explain_chunk_at_the_end_and_past_it(small_case, tmp_path, capsys):
+    _, checkpoint = small_case
+    wav = tmp_path / "song.wav"
+    _write_noise(wav, 10.0, 22_050)
+    mel = audio.load_log_mel(wav)
+    last = mel.shape[-1] - audio.CHUNK_FRAMES
+    chunk = explain_cli.chunk_log_mel(wav, last)
+    assert chunk.shape == (96, 256)
+    _assert_same_above_floor(chunk, mel[:, last:])
+    assert _explain(checkpoint, wav, tmp_path / "f.png", "--start", "9") == 2
+    _one_line_error(capsys, "past the last chunk start")
