@@ -76,3 +76,49 @@ def test_unknown_command_is_a_usage_error(capsys):
         cli.main(["tga", "song.mp3"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'tga'" in capsys.readouterr().err
+
+
+@pytest.fixture
+def small_checkpoint(tmp_path):
+    import jax
+
+    from jaxtag.checkpoint import save_model
+    from jaxtag.model import ModelConfig, init_variables
+
+    config = ModelConfig(conv_channels=1, width=16, num_heads=2, ffn_size=32, num_tags=3)
+    variables = init_variables(config, jax.random.key(0))
+    return save_model(tmp_path / "ckpt", variables, config, ["a", "b", "c"])
+
+
+def test_info_prints_config_and_tags(small_checkpoint, capsys, monkeypatch):
+    monkeypatch.setenv("JAXTAG_CACHE_DIR", "off")
+    assert cli.main(["info", str(small_checkpoint), "--json"]) == 0
+    import json
+
+    record = json.loads(capsys.readouterr().out)
+    assert record["tags"] == ["a", "b", "c"] and record["model"]["width"] == 16
+    assert record["num_params"] > 0
+
+
+def test_info_on_broken_checkpoints_is_one_line_and_exit_2(
+    small_checkpoint, tmp_path, capsys, monkeypatch
+):
+    import shutil
+
+    monkeypatch.setenv("JAXTAG_CACHE_DIR", "off")
+    a_file = tmp_path / "file"
+    a_file.write_text("not a checkpoint")
+    no_meta = tmp_path / "no_meta"
+    shutil.copytree(small_checkpoint, no_meta)
+    shutil.rmtree(no_meta / "meta")
+    bad_meta = tmp_path / "bad_meta"
+    shutil.copytree(small_checkpoint, bad_meta)
+    for path in (bad_meta / "meta").rglob("*"):
+        if path.is_file() and path.name != "commit_success.txt":
+            path.write_text('{"model": {"bogus_field": 1}, "tags": []}')
+    for broken in (tmp_path / "missing", a_file, tmp_path, no_meta, bad_meta):
+        assert cli.main(["info", str(broken)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and str(broken) in lines[0], captured.err
