@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -259,18 +261,41 @@ def jaxtag_outputs(config: Any, variables: dict[str, Any], mel: np.ndarray) -> t
     return tuple(np.asarray(a) for a in forward(mel))
 
 
-def max_difference(model_bytes: bytes, config: Any, variables: dict, batch: int = 3) -> float:
-    """Largest |onnxruntime - jaxtag| over both outputs on a random log-mel-range batch."""
+def onnx_session(model_bytes: bytes, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session of an exported graph (`threads`: intra-op threads, default
+    all cores). Creating one takes a fraction of a second: there is nothing to compile."""
     try:
         import onnxruntime as ort
     except ImportError as err:
         raise ExportError(
-            "checking the export needs onnxruntime: pip install 'jaxtag[export]' (or --no-check)"
+            "running the ONNX graph needs onnxruntime: pip install 'jaxtag[export]'"
         ) from err
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
+
+def onnx_predictor(loaded: Any, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A loaded checkpoint as an onnxruntime predictor: (N, n_mels, 256) log-mel -> (N, tags)
+    probabilities, any N; the CPU alternative to jaxtag's jitted model (bench/bench_engines.py)."""
+    import dataclasses
+
+    config = dataclasses.replace(loaded.config, dtype="float32")
+    session = onnx_session(
+        build_graph(config, loaded.variables, loaded.tags).SerializeToString(), threads
+    )
+
+    def predict(windows: np.ndarray) -> np.ndarray:
+        return session.run([OUTPUTS[0]], {INPUT: np.asarray(windows, np.float32)})[0]
+
+    return predict
+
+
+def max_difference(model_bytes: bytes, config: Any, variables: dict, batch: int = 3) -> float:
+    """Largest |onnxruntime - jaxtag| over both outputs on a random log-mel-range batch."""
     rng = np.random.default_rng(0)
     mel = rng.uniform(-60.0, 40.0, (batch, config.n_mels, FRAMES)).astype(np.float32)
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    session = onnx_session(model_bytes)
     got = session.run(list(OUTPUTS), {INPUT: mel})
     want = jaxtag_outputs(config, variables, mel)
     return max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
