@@ -177,8 +177,8 @@ def _output_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the command line's output paths and start, before any work."""
     from jaxtag.fileio import unwritable_reason
 
-    if not args.start >= 0:
-        return f"--start must be >= 0 seconds, got {args.start:g}"
+    if not (math.isfinite(args.start) and args.start >= 0):
+        return f"--start must be a number of seconds >= 0, got {args.start:g}"
     suffix = Path(args.out).suffix[1:].lower()
     if suffix not in figure_formats():
         known = ", ".join(sorted(figure_formats()))

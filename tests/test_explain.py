@@ -256,8 +256,9 @@ def test_explain_refuses_bad_start_and_outputs_before_drawing(small_case, tmp_pa
     _, checkpoint = small_case
     wav = tmp_path / "song.wav"
     _write(wav, 5.0, 16_000)
-    assert _explain(checkpoint, wav, tmp_path / "a.png", "--start", "-5") == 2
-    _one_line_error(capsys, "--start", "-5")
+    for start in ("-5", "inf", "nan"):
+        assert _explain(checkpoint, wav, tmp_path / "a.png", "--start", start) == 2
+        _one_line_error(capsys, "--start", start)
 
     assert _explain(checkpoint, wav, tmp_path / "fig.xyz") == 2
     _one_line_error(capsys, "fig.xyz", "format")
