@@ -26,6 +26,16 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
     return None
 
 
+def _file_mode(path: Path) -> int:
+    """An existing file's permission bits, else a new file's (0666 less the umask)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
     """Opens a temporary file beside `path`; on a clean exit it replaces `path` in one rename.
@@ -39,6 +49,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; give what open() would give
         with os.fdopen(fd, mode, **open_kwargs) as f:
             yield f
             f.flush()

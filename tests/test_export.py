@@ -1,6 +1,7 @@
 """`jaxtag export`: the ONNX graph run with onnxruntime against jaxtag, and its bad inputs."""
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -69,6 +70,9 @@ def test_small_model_runs_in_onnxruntime_like_jaxtag(small_checkpoint, tmp_path,
     assert cli.main(["export", str(small_checkpoint), str(out)]) == 0
     assert "exported" in capsys.readouterr().out
     _check_file(small_checkpoint, out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file, not 0600
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props["tags"].split(",") == load_model(small_checkpoint).tags
 
