@@ -103,7 +103,7 @@ def load_audio(
     if data.size == 0:
         where = f" after {offset:g} s" if offset else ""
         raise AudioError(f"{path}: the file holds no audio samples{where}")
-    y = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    y = to_mono(data)
     if not np.all(np.isfinite(y)):
         raise AudioError(f"{path}: decoded audio contains NaN or infinite samples")
     if file_sr != sr:
@@ -111,6 +111,21 @@ def load_audio(
 
         y = librosa.resample(y, orig_sr=file_sr, target_sr=sr, res_type="soxr_hq")
     return np.ascontiguousarray(y, dtype=np.float32)
+
+
+def to_mono(data: np.ndarray) -> np.ndarray:
+    """The channel average of ``(samples, channels)`` float32 audio, ``(samples,)``.
+
+    Bit-identical to ``data.mean(axis=1)`` for up to 8 channels (numpy sums so few values in
+    order), and several times faster: numpy's reduction along the short axis is slow.
+    """
+    if data.shape[1] == 1:
+        return data[:, 0]
+    y = data[:, 0].copy()
+    for channel in range(1, data.shape[1]):
+        y += data[:, channel]
+    y /= np.float32(data.shape[1])
+    return y
 
 
 def mel_power(y: np.ndarray, center: bool = True) -> np.ndarray:
@@ -232,7 +247,7 @@ def _stream_log_mel(f, path: str, block_frames: int) -> tuple[np.ndarray, float]
         base = done * HOP
 
     for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
-        y = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
+        y = to_mono(block)
         if not np.all(np.isfinite(y)):
             raise AudioError(f"{path}: decoded audio contains NaN or infinite samples")
         decoded += y.size
