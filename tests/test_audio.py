@@ -115,6 +115,14 @@ def test_streamed_log_mel_refuses_non_finite_audio_in_a_late_block(tmp_path):
         audio.stream_log_mel(path, block_seconds=1.0)
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 6])
+def test_to_mono_is_the_channel_mean_bit_for_bit(channels):
+    data = np.random.default_rng(channels).standard_normal((10_001, channels)).astype(np.float32)
+    mono = audio.to_mono(data)
+    assert mono.dtype == np.float32 and mono.shape == (10_001,)
+    np.testing.assert_array_equal(mono, data.mean(axis=1))
+
+
 def test_pad_to_pads_the_end_with_the_clip_minimum():
     mel = np.arange(96 * 10, dtype=np.float32).reshape(96, 10) - 50
     padded = audio.pad_to(mel, 256)
