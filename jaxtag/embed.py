@@ -65,3 +65,5 @@ def run(args: argparse.Namespace) -> int:
     except (inference.InputError, CheckpointError, ResultFileError) as err:
         print(f"jaxtag embed: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return inference.interrupted("jaxtag embed")

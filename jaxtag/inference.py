@@ -479,6 +479,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except BrokenPipeError:
         return quiet_broken_pipe()
+    except KeyboardInterrupt:
+        return interrupted("jaxtag tag")
+
+
+def interrupted(command: str) -> int:
+    """Ctrl-C: what was written stays; the same command resumes. Exit code 130 (128 + SIGINT)."""
+    print(f"\n{command}: interrupted; rerun the same command to continue", file=sys.stderr)
+    return 130
 
 
 def quiet_broken_pipe() -> int:
