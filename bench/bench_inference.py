@@ -116,7 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracks", type=int, default=6, help="tracks in the folder (default 6)")
     parser.add_argument("--minutes", type=float, default=4.0, help="minutes a track (default 4)")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per model call")
+    parser.add_argument("--batch-size", type=int, default=16, help="windows per model call")
     parser.add_argument("--library-only", action="store_true", help="only the folder benchmark")
     args = parser.parse_args()
 

@@ -114,7 +114,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", required=True, help="model checkpoint directory or training workdir"
     )
     parser.add_argument(
-        "--batch-size", type=positive_int, default=32, help="windows per model call (default 32)"
+        "--batch-size", type=positive_int, default=16, help="windows per model call (default 16)"
     )
 
 
@@ -129,7 +129,7 @@ class WindowScorer:
     `MTSA.representations` ("pooled", the classifier's input, is `MTSA.features`).
     """
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 32, output: str = "probabilities"):
+    def __init__(self, loaded: LoadedModel, batch_size: int = 16, output: str = "probabilities"):
         import jax
 
         from jaxtag.checkpoint import CheckpointError
@@ -159,7 +159,7 @@ class WindowScorer:
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, batch_size: int = 32, output: str = "probabilities"
+        cls, path: str | Path, batch_size: int = 16, output: str = "probabilities"
     ) -> WindowScorer:
         from jaxtag.checkpoint import load_model
 
