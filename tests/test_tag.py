@@ -289,3 +289,10 @@ def test_interrupted_run_keeps_its_rows_and_resumes(checkpoint, library, tmp_pat
     assert 1 <= len(written) < len(library)
     assert tag(*library, "--checkpoint", checkpoint, "--csv", part, "--batch-size", "8") == 0
     assert_same_table(part, full)
+
+
+def test_progress_bar_shows_files_and_audio_minutes_per_second(checkpoint, library, capsys):
+    scorer = inference.WindowScorer(load_model(checkpoint), batch_size=16)
+    assert len(list(inference.score_files(scorer, library[:3], progress=True))) == 3
+    bar = capsys.readouterr().err
+    assert "3/3" in bar and "audio min/s" in bar and ("file/s" in bar or "s/file" in bar)
