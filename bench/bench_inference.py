@@ -1,8 +1,14 @@
-"""Tagging speed: jaxtag against the PyTorch reference, and tag-wise maps against a slow loop.
+"""Tagging speed: a folder of full-length tracks, jaxtag against the PyTorch reference, and
+tag-wise maps against a slow loop.
 
-    python bench/bench_inference.py
+    python bench/bench_inference.py                       # everything
+    python bench/bench_inference.py --library-only --tracks 6 --minutes 4
 
 Prints, on the released architecture with random weights (speed does not depend on them):
+- seconds per minute of audio for `jaxtag tag DIR --csv OUT` on a folder of generated
+  full-length tracks (44.1 kHz stereo mp3), after a warm-up on one short file (compilation), with
+  its two halves measured alone: the audio front end (decode + resample + log-mel, one thread) and
+  the model (the same number of windows, batched);
 - seconds to tag one 30 s clip after warm-up (decode + log-mel + 16 chunks + model), jaxtag's
   `Tagger` against the same audio front end followed by the PyTorch reference;
 - seconds per minute of audio for a 5-minute file (adjacent windows);
@@ -12,7 +18,10 @@ Prints, on the released architecture with random weights (speed does not depend 
 
 from __future__ import annotations
 
+import argparse
 import os
+import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,17 +50,83 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
-def write_audio(path: Path, seconds: float) -> None:
-    rng = np.random.default_rng(0)
+def write_audio(path: Path, seconds: float, channels: int = 1, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * 44_100)) / 44_100
-    y = 0.2 * np.sin(2 * np.pi * 330 * t) + 0.05 * rng.standard_normal(len(t))
-    sf.write(path, y.astype(np.float32), 44_100)
+    y = 0.2 * np.sin(2 * np.pi * 330 * (1 + seed / 10) * t) + 0.05 * rng.standard_normal(len(t))
+    sf.write(path, np.stack([y, 0.8 * y][:channels], axis=1).astype(np.float32), 44_100)
+
+
+def cpu_name() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def bench_library(loaded: LoadedModel, tracks: int, minutes: float, batch_size: int) -> None:
+    """`jaxtag tag DIR --csv OUT` on `tracks` generated tracks of `minutes` each."""
+    from jaxtag.result_files import CsvFile
+
+    scorer = inference.WindowScorer(loaded, batch_size=batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "library"
+        folder.mkdir()
+        for i in range(tracks):
+            write_audio(folder / f"track{i:02d}.mp3", minutes * 60, channels=2, seed=i)
+        warm = Path(tmp) / "warm.wav"
+        write_audio(warm, 5.0)
+        list(inference.score_files(scorer, [str(warm)], progress=False))  # compile
+        paths = inference.expand_inputs([str(folder)])
+
+        start, cpu = time.perf_counter(), time.process_time()
+        out = CsvFile(Path(tmp) / "tags.csv", scorer.tags)
+        code = inference.run_to_files(scorer, paths, [out], "bench", progress=False)
+        total, cpu = time.perf_counter() - start, time.process_time() - cpu
+        assert code == 0
+
+        start = time.perf_counter()
+        mels = [audio.stream_log_mel(p)[0] for p in paths]
+        front_end = time.perf_counter() - start
+        windows = sum(len(audio.sliding_window_starts(m.shape[-1])) for m in mels)
+        batch = audio.sliding_windows(mels[0])[0][:batch_size]
+        scorer.predict_windows(batch)
+        start = time.perf_counter()
+        for _ in range(0, windows, batch_size):
+            scorer.predict_windows(batch)
+        model = time.perf_counter() - start
+
+    audio_minutes = tracks * minutes
+    print(
+        f"tag a folder of {tracks} x {minutes:g} min mp3 tracks (44.1 kHz stereo), batch "
+        f"{batch_size}: {total / audio_minutes:.3f} s per minute of audio "
+        f"({audio_minutes / total:.1f} audio min/s; target <= 0.200 s/min), "
+        f"{cpu / audio_minutes:.3f} CPU-s per minute\n"
+        f"  alone: front end {front_end / audio_minutes:.3f} s/min (one thread), model "
+        f"{model / audio_minutes:.3f} s/min ({windows / audio_minutes:.1f} windows/min, "
+        f"{windows / model:.1f} windows/s)\n"
+        f"  CPU: {cpu_name()}, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}; jax {jax.__version__}\n"
+    )
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracks", type=int, default=6, help="tracks in the folder (default 6)")
+    parser.add_argument("--minutes", type=float, default=4.0, help="minutes a track (default 4)")
+    parser.add_argument("--batch-size", type=int, default=16, help="windows per model call")
+    parser.add_argument("--library-only", action="store_true", help="only the folder benchmark")
+    args = parser.parse_args()
+
     config = ModelConfig()
     variables = init_variables(config, jax.random.PRNGKey(0))
     loaded = LoadedModel(config, [f"tag{i}" for i in range(50)], variables, {}, Path("."))
+    bench_library(loaded, args.tracks, args.minutes, args.batch_size)
+    if args.library_only:
+        return
     tagger = inference.Tagger(loaded, batch_size=16)
 
     import torch
@@ -66,7 +141,7 @@ def main() -> None:
         write_audio(track, 300.0)
 
         def jax_clip() -> None:
-            list(inference.tag_files(tagger, [str(clip)], progress=False))
+            list(inference.score_files(tagger, [str(clip)], progress=False))
 
         def torch_clip() -> None:
             chunks = audio.eval_chunks(audio.load_log_mel(clip))
@@ -74,7 +149,7 @@ def main() -> None:
                 reference(torch.from_numpy(chunks))
 
         def jax_track() -> None:
-            list(inference.tag_files(tagger, [str(track)], progress=False))
+            list(inference.score_files(tagger, [str(track)], progress=False))
 
         def torch_track() -> None:
             windows, _ = audio.sliding_windows(audio.load_log_mel(track))

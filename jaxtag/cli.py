@@ -22,6 +22,7 @@ COMMANDS = {
     ),
     "info": ("jaxtag.info", "print a checkpoint's model config, tags and parameter count"),
     "tag": ("jaxtag.inference", "tag audio files (whole-file and per-window predictions)"),
+    "embed": ("jaxtag.embed", "one vector per audio file (pooled output or a layer) to an .npz"),
     "explain": (
         "jaxtag.explain_cli",
         "draw attention and tag-wise contribution heat maps for a chunk",

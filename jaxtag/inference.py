@@ -1,10 +1,16 @@
-"""Tag audio files with a checkpoint: `jaxtag tag FILE... --checkpoint DIR`.
+"""Tag audio files with a checkpoint: `jaxtag tag FILE_OR_DIR... --checkpoint DIR`.
 
 A file's prediction is the mean of its windows' sigmoid outputs: the 16-chunk evaluation
 protocol for clips up to `PROTOCOL_MAX_SECONDS` (what the models are scored with), adjacent
-256-frame windows (the last one flush with the end) for longer tracks. `--segments` reports every
-window's tags over time. Windows of several files share one batch; decoding runs in a thread pool
-ahead of the model. A file that cannot be read is reported and skipped; the exit code is 1 then.
+256-frame windows (the last one flush with the end) for longer tracks. `--segments` (and
+`--taggram`) report the adjacent windows of every file *in addition*; the file's own prediction
+does not change. Windows of several files share one batch; decoding runs in a thread pool ahead
+of the model and long files are decoded block by block (`audio.stream_log_mel`), so memory stays
+bounded however long the files are. A file that cannot be read, or whose outputs are not finite,
+is reported and skipped; the exit code is 1 then.
+
+The same pipeline (`score_files`: inputs -> windows -> batched model -> one vector per file)
+serves `jaxtag embed` (jaxtag/embed.py) with another model output.
 """
 
 from __future__ import annotations
@@ -12,59 +18,155 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import jax
 import numpy as np
-from tqdm import tqdm
 
 from jaxtag import audio
-from jaxtag.checkpoint import CheckpointError, LoadedModel, load_model
-from jaxtag.model import MTSA
+from jaxtag.result_files import CsvFile, JsonlFile, NpzFile, Record, ResultFile, ResultFileError
+
+if TYPE_CHECKING:  # jax, flax and orbax load inside functions: `--help` needs none of them
+    from jaxtag.checkpoint import LoadedModel
 
 PROTOCOL_MAX_SECONDS = 31.0  # MTAT clips are 29.1 s, MSD previews 30 s
+WINDOW_SECONDS = float(audio.frames_to_seconds(audio.CHUNK_FRAMES))
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `yes | head -1` gives for `yes`
 
 
-@dataclasses.dataclass
-class FileTags:
-    path: str
-    duration: float = 0.0  # seconds
-    probs: np.ndarray | None = None  # (num_tags,) whole-file prediction
-    window_starts: np.ndarray | None = None  # (N,) seconds, with --segments
-    window_probs: np.ndarray | None = None  # (N, num_tags), with --segments
-    error: str | None = None
+class InputError(ValueError):
+    """A command-line input that names no usable files (a missing --files-from list...)."""
 
 
-@dataclasses.dataclass
-class _Windows:
-    path: str
-    duration: float
-    windows: np.ndarray | None  # (N, n_mels, frames)
-    starts: np.ndarray | None  # (N,) start frames
-    error: str | None = None
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
-class Tagger:
-    """A loaded model with a jitted, fixed-batch-size predictor (one compilation)."""
+# ----------------------------------------------------------------------------------------------
+# Inputs
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 32):
+
+def expand_inputs(items: Iterable[str], files_from: str | None = None) -> list[str]:
+    """Files to process: each item as given, directories replaced by the audio files under them
+    (recursively, sorted, `audio.AUDIO_EXTENSIONS`), then the lines of `files_from` ("-" reads
+    stdin). A path named twice is processed once.
+
+    Raises:
+      InputError: `files_from` cannot be read, or a directory holds no audio file.
+    """
+    paths: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(
+                os.path.join(root, name)
+                for root, _, names in os.walk(item)
+                for name in names
+                if name.lower().endswith(audio.AUDIO_EXTENSIONS)
+            )
+            if not found:
+                raise InputError(
+                    f"{item}: no audio files ({', '.join(audio.AUDIO_EXTENSIONS)}) in this "
+                    "directory or below"
+                )
+            paths += found
+        else:
+            paths.append(item)
+    if files_from is not None:
+        try:
+            if files_from == "-":
+                text = sys.stdin.read()
+            else:
+                text = Path(files_from).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"{files_from}: cannot read the file list ({err})") from err
+        paths += [line.strip() for line in text.splitlines() if line.strip()]
+    return list(dict.fromkeys(paths))
+
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The inputs, checkpoint and batching options that `tag` and `embed` share."""
+    parser.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="FILE_OR_DIR",
+        help=f"audio files ({', '.join(e[1:] for e in audio.AUDIO_EXTENSIONS)}) or directories "
+        "(searched recursively)",
+    )
+    parser.add_argument(
+        "--files-from",
+        metavar="LIST",
+        help="also process the paths in LIST, one a line ('-': stdin)",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="model checkpoint directory or training workdir"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=16, help="windows per model call (default 16)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The model on fixed-size batches of windows
+
+
+class WindowScorer:
+    """A loaded model with a jitted, fixed-batch-size function of its windows (one compilation).
+
+    `output` is "probabilities" (the tags' sigmoid outputs) or a name of
+    `MTSA.representations` ("pooled", the classifier's input, is `MTSA.features`).
+    """
+
+    def __init__(self, loaded: LoadedModel, batch_size: int = 16, output: str = "probabilities"):
+        import jax
+
+        from jaxtag.checkpoint import CheckpointError
+        from jaxtag.model import MTSA
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        for name, leaf in jax.tree_util.tree_leaves_with_path(loaded.variables):
+            if not np.all(np.isfinite(leaf)):
+                raise CheckpointError(
+                    f"{loaded.path}: the weights hold NaN or infinite values "
+                    f"({jax.tree_util.keystr(name)}); the checkpoint is damaged"
+                )
         self.loaded = loaded
         self.tags = loaded.tags
         self.batch_size = batch_size
+        self.output = output
         model = MTSA(loaded.config)
+        if output == "probabilities":
+            fn = lambda v, x: jax.nn.sigmoid(model.apply(v, x))  # noqa: E731
+        elif output == "pooled":
+            fn = lambda v, x: model.apply(v, x, method=MTSA.features)  # noqa: E731
+        else:
+            fn = lambda v, x: model.apply(v, x, method=MTSA.representations)[output]  # noqa: E731
         self.variables = jax.device_put(loaded.variables)
-        self._predict = jax.jit(lambda v, x: jax.nn.sigmoid(model.apply(v, x)))
+        self._predict = jax.jit(fn)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, batch_size: int = 32) -> Tagger:
-        return cls(load_model(path), batch_size)
+    def from_checkpoint(
+        cls, path: str | Path, batch_size: int = 16, output: str = "probabilities"
+    ) -> WindowScorer:
+        from jaxtag.checkpoint import load_model
+
+        return cls(load_model(path), batch_size, output)
 
     def predict_windows(self, windows: np.ndarray) -> np.ndarray:
-        """(N, n_mels, frames) -> (N, num_tags) sigmoid outputs, in fixed-size padded batches."""
+        """(N, n_mels, frames) -> (N, D) outputs, in fixed-size padded batches."""
         out = []
         for i in range(0, len(windows), self.batch_size):
             chunk = windows[i : i + self.batch_size]
@@ -72,71 +174,204 @@ class Tagger:
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
             out.append(np.asarray(self._predict(self.variables, chunk))[: self.batch_size - pad])
-        return np.concatenate(out) if out else np.zeros((0, len(self.tags)), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-def file_windows(mel: np.ndarray, segments: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The windows a file is scored on and their start frames (see the module doc)."""
-    if segments or audio.frames_to_seconds(mel.shape[-1]) > PROTOCOL_MAX_SECONDS:
-        return audio.sliding_windows(mel)
-    starts = audio.eval_chunk_starts(mel.shape[-1])
-    return audio.eval_chunks(mel), starts
+Tagger = WindowScorer  # the tag-probability scorer, by the name the tests and benchmarks use
 
 
-def _load(path: str, segments: bool) -> _Windows:
+# ----------------------------------------------------------------------------------------------
+# Files -> windows -> one vector per file
+
+
+def file_window_starts(n_frames: int) -> np.ndarray:
+    """Start frames of the windows a file's own prediction averages (see the module doc)."""
+    if audio.frames_to_seconds(n_frames) > PROTOCOL_MAX_SECONDS:
+        return audio.sliding_window_starts(n_frames)
+    return audio.eval_chunk_starts(n_frames)
+
+
+def file_windows(mel: np.ndarray, segments: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The windows of the file's own prediction (or, with `segments`, the adjacent windows that
+    `--segments` reports) and their start frames."""
+    mel = audio.pad_to(mel)
+    n = mel.shape[-1]
+    starts = audio.sliding_window_starts(n) if segments else file_window_starts(n)
+    return np.stack([mel[:, s : s + audio.CHUNK_FRAMES] for s in starts]), starts
+
+
+@dataclasses.dataclass
+class Scored:
+    """One file's result: `output` (D,) averages its file windows; `window_outputs` (W, D) are
+    the adjacent windows starting at `window_starts` seconds (when windows were asked for)."""
+
+    path: str
+    duration: float = 0.0  # seconds
+    output: np.ndarray | None = None
+    window_starts: np.ndarray | None = None
+    window_outputs: np.ndarray | None = None
+    error: str | None = None
+
+    def record(self) -> Record:
+        return Record(
+            self.path, self.duration, self.output, self.window_starts, self.window_outputs
+        )
+
+
+@dataclasses.dataclass
+class _File:
+    """A decoded file waiting for the model: its windows are `mel[:, s:s+256]` for s in `starts`
+    (each distinct start once); `file_rows`/`window_rows` index `starts`."""
+
+    path: str
+    duration: float = 0.0
+    mel: np.ndarray | None = None
+    starts: np.ndarray | None = None
+    file_rows: np.ndarray | None = None
+    window_rows: np.ndarray | None = None
+    outputs: np.ndarray | None = None
+    scored: int = 0
+    error: str | None = None
+
+
+def _decode(path: str, windows: bool) -> _File:
     try:
-        mel = audio.load_log_mel(path)
+        mel, duration = audio.stream_log_mel(path)
     except (audio.AudioError, OSError, ValueError) as err:
-        return _Windows(path, 0.0, None, None, str(err))
-    windows, starts = file_windows(mel, segments)
-    duration = float(audio.frames_to_seconds(mel.shape[-1] - 1))
-    return _Windows(path, duration, windows, starts)
+        return _File(path, error=str(err))
+    mel = audio.pad_to(mel)
+    file_starts = file_window_starts(mel.shape[-1])
+    window_starts = audio.sliding_window_starts(mel.shape[-1]) if windows else file_starts[:0]
+    starts = np.unique(np.concatenate([file_starts, window_starts]))
+    return _File(
+        path,
+        duration,
+        mel,
+        starts,
+        np.searchsorted(starts, file_starts),
+        np.searchsorted(starts, window_starts) if windows else None,
+    )
 
 
-def tag_files(
-    tagger: Tagger,
+def _decoded_ahead(paths: list[str], windows: bool, workers: int) -> Iterator[_File]:
+    """Decoded files in order; a few files ahead of the consumer, not all of them (memory)."""
+    ahead = 2 * workers
+    with ThreadPoolExecutor(workers) as pool:
+        pending = deque(pool.submit(_decode, p, windows) for p in paths[:ahead])
+        for index in range(len(paths)):
+            decoded = pending.popleft().result()
+            if index + ahead < len(paths):
+                pending.append(pool.submit(_decode, paths[index + ahead], windows))
+            yield decoded
+
+
+def _result(scorer: WindowScorer, item: _File) -> Scored:
+    if item.error:
+        return Scored(item.path, error=item.error)
+    result = Scored(item.path, item.duration, item.outputs[item.file_rows].mean(axis=0))
+    if item.window_rows is not None:
+        result.window_starts = np.asarray(audio.frames_to_seconds(item.starts[item.window_rows]))
+        result.window_outputs = item.outputs[item.window_rows]
+    if not np.all(np.isfinite(item.outputs)):
+        return Scored(
+            item.path,
+            error=f"{item.path}: the model's outputs are not finite (NaN or inf); is the "
+            f"checkpoint {scorer.loaded.path} damaged?",
+        )
+    return result
+
+
+def score_files(
+    scorer: WindowScorer,
     paths: Iterable[str],
-    segments: bool = False,
+    windows: bool = False,
     progress: bool = True,
     workers: int = 2,
-) -> Iterator[FileTags]:
-    """Yields one FileTags per path, in order; unreadable files come back with `error` set."""
+) -> Iterator[Scored]:
+    """Yields one Scored per path, in order, as soon as its last window is scored; unreadable
+    files (and files with non-finite outputs) come back with `error` set. With `windows`, every
+    file's adjacent windows are reported too. The progress bar shows files/s and minutes of
+    audio per second."""
+    from tqdm import tqdm
+
     paths = list(paths)
-    bar = tqdm(total=len(paths), unit="file", desc="tag", disable=not progress or len(paths) < 2)
-    with ThreadPoolExecutor(workers) as pool:
-        # Decode a few files ahead of the model, not all of them: spectrograms of thousands of
-        # long tracks would otherwise pile up in memory.
-        ahead = 2 * workers
-        pending = deque(pool.submit(_load, p, segments) for p in paths[:ahead])
-        group: list[_Windows] = []
-        for index in range(len(paths)):
-            group.append(pending.popleft().result())
-            if index + ahead < len(paths):
-                pending.append(pool.submit(_load, paths[index + ahead], segments))
-            n_windows = sum(len(w.windows) for w in group if w.windows is not None)
-            if n_windows < tagger.batch_size and index < len(paths) - 1:
-                continue  # gather more files so the batch is full
-            yield from _score(tagger, group, segments)
-            bar.update(len(group))
-            group = []
+    bar = tqdm(total=len(paths), unit="file", desc="files", disable=not progress or len(paths) < 2)
+    started, audio_seconds = time.perf_counter(), 0.0
+    waiting: deque[_File] = deque()  # in input order, each until all its windows are scored
+    batch: list[tuple[_File, int]] = []
+
+    def run_batch() -> None:
+        inputs = np.stack(
+            [f.mel[:, f.starts[r] : f.starts[r] + audio.CHUNK_FRAMES] for f, r in batch]
+        )
+        outputs = scorer.predict_windows(inputs)
+        for (item, row), output in zip(batch, outputs, strict=True):
+            if item.outputs is None:
+                item.outputs = np.zeros((len(item.starts), len(output)), np.float32)
+            item.outputs[row] = output
+            item.scored += 1
+        batch.clear()
+
+    def finished() -> Iterator[Scored]:
+        nonlocal audio_seconds
+        while waiting and (waiting[0].error or waiting[0].scored == len(waiting[0].starts)):
+            item = waiting.popleft()
+            audio_seconds += item.duration
+            bar.update(1)
+            rate = audio_seconds / 60 / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix_str(f"{rate:.1f} audio min/s", refresh=False)
+            yield _result(scorer, item)
+
+    for item in _decoded_ahead(paths, windows, workers):
+        waiting.append(item)
+        for row in range(0 if item.error else len(item.starts)):
+            batch.append((item, row))
+            if len(batch) == scorer.batch_size:
+                run_batch()
+                yield from finished()
+        yield from finished()
+    if batch:
+        run_batch()
+    yield from finished()
     bar.close()
 
 
-def _score(tagger: Tagger, group: list[_Windows], segments: bool) -> Iterator[FileTags]:
-    ok = [w for w in group if w.windows is not None]
-    probs = tagger.predict_windows(np.concatenate([w.windows for w in ok])) if ok else None
-    offset = 0
-    for w in group:
-        if w.windows is None:
-            yield FileTags(w.path, error=w.error)
+def run_to_files(
+    scorer: WindowScorer,
+    paths: list[str],
+    outputs: list[ResultFile],
+    command: str,
+    progress: bool,
+) -> int:
+    """Scores `paths` into resumable result files, skipping files they already hold; lists
+    unreadable files with the reason. Returns the exit code (1 if a file failed)."""
+    done = [out.done() for out in outputs]
+    todo = [p for p in paths if not all(p in d for d in done)]
+    windows = any(out.needs_windows for out in outputs)
+    failed = 0
+    for result in score_files(scorer, todo, windows, progress):
+        if result.error:
+            failed += 1
+            print(f"{command}: error: {result.error}", file=sys.stderr)
             continue
-        p = probs[offset : offset + len(w.windows)]
-        offset += len(w.windows)
-        result = FileTags(w.path, w.duration, p.mean(axis=0))
-        if segments:
-            result.window_starts = np.asarray(audio.frames_to_seconds(w.starts), np.float64)
-            result.window_probs = p
-        yield result
+        for out, already in zip(outputs, done, strict=True):
+            if result.path not in already:
+                out.write(result.record())
+    for out in outputs:
+        out.finish()
+    names = ", ".join(str(out.path) for out in outputs)
+    skipped = len(paths) - len(todo)
+    print(
+        f"{command}: {len(todo) - failed} files written to {names}"
+        + (f", {skipped} already there" if skipped else "")
+        + (f"; {failed} files could not be processed (listed above)" if failed else ""),
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# `jaxtag tag`: printing and the command
 
 
 def top_tags(probs: np.ndarray, tags: list[str], k: int) -> list[tuple[str, float]]:
@@ -144,77 +379,121 @@ def top_tags(probs: np.ndarray, tags: list[str], k: int) -> list[tuple[str, floa
     return [(tags[i], float(probs[i])) for i in order]
 
 
-def to_json(result: FileTags, tags: list[str], k: int) -> dict:
+def to_json(result: Scored, tags: list[str], k: int) -> dict:
     record: dict = {"file": result.path}
     if result.error:
         record["error"] = result.error
         return record
     record["duration"] = round(result.duration, 3)
     record["tags"] = [
-        {"tag": t, "probability": round(p, 4)} for t, p in top_tags(result.probs, tags, k)
+        {"tag": t, "probability": round(p, 4)} for t, p in top_tags(result.output, tags, k)
     ]
-    if result.window_probs is not None:
-        window_seconds = float(audio.frames_to_seconds(audio.CHUNK_FRAMES))
+    if result.window_outputs is not None:
         record["segments"] = [
             {
                 "start": round(float(s), 3),
-                "end": round(float(s) + window_seconds, 3),
+                "end": round(float(s) + WINDOW_SECONDS, 3),
                 "tags": [{"tag": t, "probability": round(p, 4)} for t, p in top_tags(wp, tags, k)],
             }
-            for s, wp in zip(result.window_starts, result.window_probs, strict=True)
+            for s, wp in zip(result.window_starts, result.window_outputs, strict=True)
         ]
     return record
 
 
-def format_text(result: FileTags, tags: list[str], k: int) -> str:
+def format_text(result: Scored, tags: list[str], k: int) -> str:
     if result.error:
         return f"{result.path}: ERROR {result.error}"
 
     def line(probs: np.ndarray) -> str:
         return "  ".join(f"{t} {p:.2f}" for t, p in top_tags(probs, tags, k))
 
-    lines = [f"{result.path} ({result.duration:.1f} s): {line(result.probs)}"]
-    if result.window_probs is not None:
-        window_seconds = float(audio.frames_to_seconds(audio.CHUNK_FRAMES))
-        for s, wp in zip(result.window_starts, result.window_probs, strict=True):
-            lines.append(f"  {s:7.1f}-{s + window_seconds:7.1f} s  {line(wp)}")
+    lines = [f"{result.path} ({result.duration:.1f} s): {line(result.output)}"]
+    if result.window_outputs is not None:
+        for s, wp in zip(result.window_starts, result.window_outputs, strict=True):
+            lines.append(f"  {s:7.1f}-{s + WINDOW_SECONDS:7.1f} s  {line(wp)}")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_input_arguments(parser)
     parser.add_argument(
-        "files", nargs="+", metavar="FILE", help="audio files (wav, flac, ogg, mp3)"
+        "--top", type=positive_int, default=5, help="tags to print per file (default 5)"
     )
-    parser.add_argument(
-        "--checkpoint", required=True, help="model checkpoint directory or training workdir"
-    )
-    parser.add_argument("--top", type=int, default=5, help="tags to show per file (default 5)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per file")
     parser.add_argument(
         "--segments", action="store_true", help="also print the tags of each ~4.1 s window"
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per model call")
+    parser.add_argument(
+        "--csv",
+        metavar="OUT.csv",
+        help="write path, duration and every tag's probability, one "
+        "row a file (a rerun skips the files already there)",
+    )
+    parser.add_argument("--jsonl", metavar="OUT.jsonl", help="the same as --csv as JSON lines")
+    parser.add_argument(
+        "--taggram",
+        metavar="OUT.npz",
+        help="write every file's (windows x tags) matrix with the window start times",
+    )
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        tagger = Tagger.from_checkpoint(args.checkpoint, args.batch_size)
-    except CheckpointError as err:
-        print(f"jaxtag tag: {err}", file=sys.stderr)
-        return 2
+def _print_results(scorer: WindowScorer, paths: list[str], args: argparse.Namespace) -> int:
     failed = 0
-    for result in tag_files(tagger, args.files, args.segments, progress=sys.stderr.isatty()):
+    for result in score_files(scorer, paths, args.segments, progress=sys.stderr.isatty()):
         if result.error:
             failed += 1
             print(f"jaxtag tag: error: {result.error}", file=sys.stderr)
             if not args.json:
                 continue
         if args.json:
-            print(json.dumps(to_json(result, tagger.tags, args.top)), flush=True)
+            record = to_json(result, scorer.tags, args.top)
+            print(json.dumps(record, allow_nan=False), flush=True)
         else:
-            print(format_text(result, tagger.tags, args.top), flush=True)
+            print(format_text(result, scorer.tags, args.top), flush=True)
     if failed:
-        print(
-            f"jaxtag tag: {failed} of {len(args.files)} files could not be tagged", file=sys.stderr
-        )
+        print(f"jaxtag tag: {failed} of {len(paths)} files could not be tagged", file=sys.stderr)
     return 1 if failed else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxtag.checkpoint import CheckpointError
+
+    try:
+        paths = expand_inputs(args.inputs, args.files_from)
+        if not paths:
+            raise InputError("no input files (give files, directories or --files-from LIST)")
+        scorer = WindowScorer.from_checkpoint(args.checkpoint, args.batch_size)
+        outputs: list[ResultFile] = []
+        if args.csv:
+            outputs.append(CsvFile(args.csv, scorer.tags))
+        if args.jsonl:
+            outputs.append(JsonlFile(args.jsonl, scorer.tags))
+        if args.taggram:
+            meta = {"tags": np.asarray(scorer.tags)}
+            outputs.append(NpzFile(args.taggram, "probabilities", meta, "taggram", WINDOW_SECONDS))
+        if outputs:
+            return run_to_files(scorer, paths, outputs, "jaxtag tag", sys.stderr.isatty())
+        return _print_results(scorer, paths, args)
+    except (InputError, CheckpointError, ResultFileError) as err:
+        print(f"jaxtag tag: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+    except KeyboardInterrupt:
+        return interrupted("jaxtag tag")
+
+
+def interrupted(command: str) -> int:
+    """Ctrl-C: what was written stays; the same command resumes. Exit code 130 (128 + SIGINT)."""
+    print(f"\n{command}: interrupted; rerun the same command to continue", file=sys.stderr)
+    return 130
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of stdout went away (`jaxtag tag ... | head -1`): stop quietly, as `cat` would.
+
+    stdout is pointed at /dev/null so that Python's flush at exit raises nothing more.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE

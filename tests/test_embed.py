@@ -1,0 +1,105 @@
+"""`jaxtag embed`: per-file vectors equal to the model's representations averaged like the tag
+predictions, other layers, per-window vectors, bad files and a bad --layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxtag import audio, cli, embed
+from jaxtag.checkpoint import load_model
+from jaxtag.model import MTSA
+from tests.data_fixtures import write_corrupt
+from tests.tag_fixtures import SMALL, make_checkpoint, write_library
+
+LENGTHS = [12.0, 40.0, 3.0]  # protocol clip, long track (windows), short clip
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("embed_ckpt") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory) -> list[str]:
+    return write_library(tmp_path_factory.mktemp("embed_library"), LENGTHS)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def direct(checkpoint: Path, windows: np.ndarray, layer: str) -> np.ndarray:
+    """The representation of each window, straight from the model (one batch)."""
+    loaded = load_model(checkpoint)
+    model = MTSA(loaded.config)
+    if layer == "pooled":
+        out = model.apply(loaded.variables, windows, method=MTSA.features)
+    else:
+        out = model.apply(loaded.variables, windows, method=MTSA.representations)[layer]
+    return np.asarray(jax.device_get(out))
+
+
+def protocol_windows(path: str) -> np.ndarray:
+    mel = audio.load_log_mel(path)
+    if mel.shape[1] * audio.HOP / audio.SAMPLE_RATE > 31.0:
+        return audio.sliding_windows(mel)[0]
+    return audio.eval_chunks(mel)
+
+
+@pytest.mark.parametrize("layer", ["pooled", "layer_0", "front_end"])
+def test_embeddings_are_the_mean_over_the_protocol_windows(checkpoint, library, tmp_path, layer):
+    out = tmp_path / "emb.npz"
+    argv = ["embed", *library, "--checkpoint", str(checkpoint), "--out", str(out)]
+    assert cli.main([*argv, "--layer", layer, "--batch-size", "7"]) == 0
+    result = load_npz(out)
+    assert list(result["paths"]) == library and str(result["layer"]) == layer
+    assert result["embeddings"].shape == (3, SMALL.width)
+    assert result["embeddings"].dtype == np.float32
+    for path, vector in zip(library, result["embeddings"], strict=True):
+        expected = direct(checkpoint, protocol_windows(path), layer).mean(axis=0)
+        np.testing.assert_allclose(vector, expected, atol=2e-5)
+    np.testing.assert_allclose(result["durations"], LENGTHS, atol=0.01)
+    assert not (tmp_path / "emb.npz.partial").exists()
+
+
+def test_per_window_vectors_with_start_times(checkpoint, library, tmp_path):
+    out = tmp_path / "windows.npz"
+    argv = ["embed", *library, "--checkpoint", str(checkpoint), "--out", str(out), "--per-window"]
+    assert cli.main(argv) == 0
+    result = load_npz(out)
+    for i, path in enumerate(library):
+        windows, starts = audio.sliding_windows(audio.load_log_mel(path))
+        rows = result["window_file_index"] == i
+        np.testing.assert_allclose(result["window_starts"][rows], audio.frames_to_seconds(starts))
+        np.testing.assert_allclose(
+            result["window_embeddings"][rows], direct(checkpoint, windows, "pooled"), atol=2e-5
+        )
+    # The file vectors stay the protocol mean, whatever windows are kept besides.
+    expected = direct(checkpoint, protocol_windows(library[0]), "pooled").mean(axis=0)
+    np.testing.assert_allclose(result["embeddings"][0], expected, atol=2e-5)
+
+
+def test_bad_file_in_the_list_and_bad_layer(checkpoint, library, tmp_path, capsys):
+    bad = write_corrupt(str(tmp_path / "broken.mp3"))
+    out = tmp_path / "emb.npz"
+    argv = ["embed", library[0], bad, library[2], "--checkpoint", str(checkpoint)]
+    assert cli.main([*argv, "--out", str(out)]) == 1
+    assert "broken.mp3: cannot decode audio" in capsys.readouterr().err
+    assert list(load_npz(out)["paths"]) == [library[0], library[2]]
+
+    assert cli.main([*argv, "--out", str(tmp_path / "x.npz"), "--layer", "layer_9"]) == 2
+    err = capsys.readouterr().err
+    assert "layer_9" in err and "front_end, layer_0, layer_1, pooled" in err
+    assert not (tmp_path / "x.npz").exists()
+    # Resuming with another representation would mix two kinds of vectors: refused.
+    assert cli.main([*argv, "--out", str(out), "--layer", "front_end"]) == 2
+    assert "layer differs" in capsys.readouterr().err
+
+
+def test_representation_names_follow_the_model():
+    assert embed.representation_names(2) == ["front_end", "layer_0", "layer_1", "pooled"]
