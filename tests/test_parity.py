@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from jaxtag.checkpoint import load_model
-from jaxtag.model import MTSA, ModelConfig, cls_vector
+from jaxtag.model import MTSA, ModelConfig, attention_maps, cls_vector
 from tests import torch_reference as ref
 from tests.conftest import BATCH, CONFIGS, FORMATS
 
@@ -31,11 +31,11 @@ SEQ = 257  # 256 frames + CLS
 
 @functools.cache
 def _apply(config: ModelConfig):  # one compiled forward per architecture
-    return jax.jit(
-        lambda variables, mel: MTSA(config).apply(
-            variables, mel, train=False, return_attention=True
-        )
-    )
+    def forward(variables, mel):
+        logits, state = MTSA(config).apply(variables, mel, train=False, mutable=["intermediates"])
+        return logits, attention_maps(state["intermediates"])
+
+    return jax.jit(forward)
 
 
 @functools.cache
