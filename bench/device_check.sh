@@ -23,7 +23,7 @@ mkdir -p "$OUT"
 
 if [ "${1:-}" = "--cpu" ]; then
     export JAX_PLATFORMS=cpu
-    PARITY_SELECT=(-k "released and legacy")
+    PARITY_SELECT=(-k "(released and legacy) or precision")
     CASES=(train:float32:4 train:float32:8 train:bfloat16:8 infer:float32:16 infer:bfloat16:16)
     BENCH_SECONDS=1
     LOOP_STEPS=100
@@ -44,7 +44,7 @@ status=0
 step() {
     local name=$1 limit=$2
     shift 2
-    echo "== $name: $*"
+    echo "== $name"
     local start=$SECONDS rc
     timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
     rc=${PIPESTATUS[0]}
