@@ -84,3 +84,14 @@ def test_front_end_choice_keeps_the_outputs(tiny, front_end):
     model, variables, mel = tiny
     other = MTSA(dataclasses.replace(TINY, front_end=front_end))
     np.testing.assert_allclose(other.apply(variables, mel), model.apply(variables, mel), atol=2e-6)
+
+
+def test_init_variables_equal_a_plain_jitted_init():
+    """init_variables compiles with a lighter CPU optimisation level: the same values."""
+    variables = init_variables(TINY, jax.random.PRNGKey(4), FRAMES)
+    mel = np.zeros((1, TINY.n_mels, FRAMES), np.float32)
+    plain = jax.jit(lambda r: MTSA(TINY).init(r, mel, train=False))(jax.random.PRNGKey(4))
+    flat = jax.tree_util.tree_leaves_with_path(variables)
+    assert [p for p, _ in flat] == [p for p, _ in jax.tree_util.tree_leaves_with_path(plain)]
+    for (path, a), b in zip(flat, jax.tree_util.tree_leaves(plain), strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=str(path))
