@@ -639,12 +639,15 @@ def init_variables(config: ModelConfig, rng: Array, frames: int = 256) -> dict[s
     """Fresh {'params', 'batch_stats'} as plain nested dicts."""
     model = MTSA(config)
     mel = jnp.zeros((1, config.n_mels, frames), jnp.float32)
-    lowered = jax.jit(lambda r: model.init(r, mel, train=False)).lower(rng)
-    # The program is ~140 small random-number generators (a key fold-in per module path level,
-    # a draw per parameter), each compiled on its own; it runs once, so on the CPU a lighter
-    # LLVM optimisation level roughly halves its compile time for the same values (tested).
-    options = {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else {}
-    variables = lowered.compile(compiler_options=options)(rng)
+    init = jax.jit(lambda r: model.init(r, mel, train=False))
+    if isinstance(rng, jax.core.Tracer) or jax.default_backend() != "cpu":  # e.g. eval_shape
+        variables = init(rng)
+    else:
+        # The program is ~140 small random-number generators (a key fold-in per module path
+        # level, a draw per parameter), each compiled on its own; it runs once, so a lighter
+        # LLVM optimisation level roughly halves its CPU compile time, same values (tested).
+        compiled = init.lower(rng).compile({"xla_backend_optimization_level": 1})
+        variables = compiled(rng)
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 
