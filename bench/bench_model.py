@@ -3,6 +3,7 @@
     python bench/bench_model.py                          # train and infer, float32, batch 16 and 64
     python bench/bench_model.py --no-torch --case train:float32:16 --case infer:bfloat16:1024
     python bench/bench_model.py --compile-only           # compile seconds, first and cached
+    python bench/bench_model.py --no-torch --front-end reference   # the other front end
 
 Each measurement runs in its own subprocess so that compile caches, thread pools and peak memory
 (max RSS) of one framework never leak into the other. `train` is the model's whole training
@@ -137,7 +138,7 @@ def worker_jax(case: Case, args: argparse.Namespace) -> dict:
 
     enable_compilation_cache(args.cache_dir)  # fills the cache the compile check reads
 
-    config = ModelConfig(dtype=case.dtype)
+    config = ModelConfig(dtype=case.dtype, front_end=args.front_end)
     fn, fn_args = _programs(case.mode, config, case.batch)
     t0 = time.perf_counter()
     compiled = fn.lower(*fn_args).compile()
@@ -248,6 +249,7 @@ def run_worker(worker: str, args: argparse.Namespace, *extra: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", worker, *extra]
     cmd += ["--warmup", str(args.warmup), "--min-seconds", str(args.min_seconds)]
     cmd += ["--min-iters", str(args.min_iters), "--cache-dir", args.cache_dir]
+    cmd += ["--front-end", args.front_end]
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     )
@@ -296,6 +298,12 @@ def main() -> None:
         default=[],
         metavar="DTYPE=TFLOPS",
         help="device peak for utilisation, e.g. bfloat16=989 float32=67 (H100/H200 known)",
+    )
+    parser.add_argument(
+        "--front-end",
+        default="auto",
+        choices=["auto", "reference", "banded"],
+        help="ModelConfig.front_end of the measured model (default auto: banded on CPU)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the compile-time check")
     parser.add_argument("--compile-only", action="store_true", help="only the compile times")
