@@ -37,10 +37,7 @@ Array = jax.Array
 VERTICAL_BRANCHES = ((0.9, 7, 1), (0.9, 3, 2), (0.9, 1, 4), (0.4, 7, 1), (0.4, 3, 2), (0.4, 1, 4))
 # Horizontal branches `front_end.layers.6..9`: (filter length, channel multiplier).
 HORIZONTAL_BRANCHES = ((165, 1), (129, 2), (65, 4), (33, 8))
-# 29: the sum of all channel multipliers above; conv1x1 sees 29 * conv_channels channels.
-FRONT_END_MULTIPLIER = sum(m for *_, m in VERTICAL_BRANCHES) + sum(
-    m for _, m in HORIZONTAL_BRANCHES
-)
+# The channel multipliers above sum to 29: conv1x1 sees 29 * conv_channels channels.
 
 BN_EPS = 1e-5  # PyTorch BatchNorm default
 BN_MOMENTUM = 0.1  # PyTorch convention: new = (1 - m) * old + m * batch
