@@ -1,29 +1,74 @@
-"""Model speed: jaxtag against the PyTorch reference, same machine, same run.
+"""Model speed: examples per second, FLOPs, utilisation and compile times; torch for comparison.
 
-    python bench/bench_model.py                 # batch 16 and 64, train and inference
-    python bench/bench_model.py --batches 16 --no-torch --dtype bfloat16   # e.g. on a GPU/TPU
+    python bench/bench_model.py                          # train and infer, float32, batch 16 and 64
+    python bench/bench_model.py --no-torch --case train:float32:16 --case infer:bfloat16:1024
+    python bench/bench_model.py --compile-only           # compile seconds, first and cached
+    python bench/bench_model.py --no-torch --front-end reference   # the other front end
 
 Each measurement runs in its own subprocess so that compile caches, thread pools and peak memory
-(max RSS) of one framework never leak into the other. Training is a full optimizer step (Adam,
-BCE, dropout on, BatchNorm in training mode) through jaxtag's pmapped `train_step`; inference is
-the eval-mode forward pass with sigmoid. FLOPs per example come from XLA's cost analysis of the
-jaxtag computation (the same network for both). torch uses as many threads as there are cores.
+(max RSS) of one framework never leak into the other. `train` is the model's whole training
+computation, jitted on one device: training-mode BatchNorm with its statistics update, dropout,
+BCE loss, gradients and an Adam update (jaxtag.train's pmapped step adds only the cross-device
+means). `infer` is the eval-mode forward pass with sigmoid.
+
+FLOPs per example are counted by XLA's cost analysis on the CPU backend, whatever device runs
+the benchmark: the GPU cost analysis leaves cuDNN convolutions out. They are the network's FLOPs
+(the reference front end of jaxtag/model.py); the banded CPU kernels do some extra work on zero
+padding that is not counted. Utilisation is achieved FLOP/s over `--peak-tflops` for the compute
+dtype; defaults are known for H100 and H200 (dense, SXM): 989 TFLOP/s bfloat16, 67 float32 (the
+model's float32 runs at full precision, so it gets no TF32 tensor cores).
+
+Compile times (`--compile-only`, also part of the default run): a fresh process compiles the
+train and inference programs with JAX's persistent compilation cache (jaxtag/runtime.py) in an
+empty temporary directory, then a second fresh process compiles them again from that cache.
+
+Runs without torch, TensorFlow, librosa and ml_collections; the torch comparison is skipped
+with a note when torch is missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FRAMES = 256
+FLOP_BATCH = 2  # FLOPs are linear in the batch; counted at this size, per example
+COMPILE_BATCH = 16  # the compile check's float32 programs
+# Dense peak TFLOP/s by device kind and compute dtype (NVIDIA data sheets, SXM parts).
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.0, "float32": 67.0},
+    "H200": {"bfloat16": 989.0, "float32": 67.0},
+}
+DEFAULT_CASES = ["train:float32:16", "train:float32:64", "infer:float32:16", "infer:float32:64"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    mode: str  # "train" or "infer"
+    dtype: str  # "float32" or "bfloat16"
+    batch: int
+
+    @classmethod
+    def parse(cls, text: str) -> Case:
+        try:
+            mode, dtype, batch = text.split(":")
+            case = cls(mode, dtype, int(batch))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected MODE:DTYPE:BATCH, got {text!r}") from None
+        if mode not in ("train", "infer") or dtype not in ("float32", "bfloat16"):
+            raise argparse.ArgumentTypeError(f"MODE train|infer, DTYPE float32|bfloat16: {text!r}")
+        return case
 
 
 def _peak_rss_mb() -> float:
@@ -41,91 +86,122 @@ def _time_loop(step, warmup: int, min_seconds: float, min_iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def worker_jax(mode: str, batch: int, dtype: str, args: argparse.Namespace) -> dict:
-    import flax.jax_utils
+def _programs(mode: str, config, batch: int):
+    """(jitted function, example arguments on the default device) for `mode`."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     import optax
 
-    from jaxtag.model import MTSA, ModelConfig, init_variables
+    from jaxtag.model import MTSA
 
-    config = ModelConfig(dtype=dtype)
+    model = MTSA(config)
     rng = np.random.RandomState(0)
     mel = rng.uniform(-80, 40, (batch, config.n_mels, FRAMES)).astype(np.float32)
     tags = (rng.uniform(size=(batch, config.num_tags)) > 0.9).astype(np.float32)
-    t0 = time.perf_counter()
-    if mode == "train":
-        from jaxtag import train
+    mel_init = jnp.zeros((1, config.n_mels, FRAMES))
+    variables = jax.jit(lambda r: model.init(r, mel_init, train=False))(jax.random.PRNGKey(0))
+    if mode == "infer":
+        predict = jax.jit(lambda v, x: jax.nn.sigmoid(model.apply(v, x)))
+        return predict, jax.device_put((variables, mel))
 
-        state = flax.jax_utils.replicate(
-            train.create_train_state(config, optax.adam(1e-4), 0, FRAMES), jax.devices()[:1]
-        )
-        schedule = optax.constant_schedule(1e-4)
-        p_step = jax.pmap(
-            lambda s, b: train.train_step(s, b, schedule),
-            axis_name=train.AXIS,
-            donate_argnums=(0,),
-            devices=jax.devices()[:1],
-        )
-        device_batch = jax.device_put({"mel": mel[None], "tags": tags[None]}, jax.devices()[0])
-        flops = _flops(
-            jax.jit(lambda s, b: train.train_step(s, b, schedule), donate_argnums=(0,)),
-            jax.tree_util.tree_map(lambda x: x[0], state),
-            {"mel": mel, "tags": tags},
-            train_axis=True,
-        )
-        holder = {"state": state}
+    tx = optax.adam(1e-4)
+
+    def train_step(state, batch, dropout_rng):
+        params, batch_stats, opt_state = state
+
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                batch["mel"],
+                train=True,
+                rngs={"dropout": dropout_rng},
+                mutable=["batch_stats"],
+            )
+            loss = optax.sigmoid_binary_cross_entropy(logits, batch["tags"]).mean()
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), loss
+
+    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+    args = jax.device_put((state, {"mel": mel, "tags": tags}, jax.random.PRNGKey(1)))
+    return jax.jit(train_step, donate_argnums=(0,)), args
+
+
+def worker_jax(case: Case, args: argparse.Namespace) -> dict:
+    import jax
+
+    from jaxtag.model import ModelConfig
+    from jaxtag.runtime import enable_compilation_cache
+
+    enable_compilation_cache(args.cache_dir)  # fills the cache the compile check reads
+
+    config = ModelConfig(dtype=case.dtype, front_end=args.front_end)
+    fn, fn_args = _programs(case.mode, config, case.batch)
+    t0 = time.perf_counter()
+    compiled = fn.lower(*fn_args).compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"args": fn_args}
+
+    if case.mode == "train":
 
         def step() -> None:
-            holder["state"], metrics = p_step(holder["state"], device_batch)
-            metrics["loss"].block_until_ready()
+            state, batch, rng = holder["args"]
+            state, loss = compiled(state, batch, rng)
+            holder["args"] = (state, batch, rng)
+            loss.block_until_ready()
 
     else:
-        model = MTSA(config)
-        variables = jax.device_put(init_variables(config, jax.random.PRNGKey(0), FRAMES))
-        predict = jax.jit(lambda v, x: jax.nn.sigmoid(model.apply(v, x)))
-        x = jax.device_put(mel)
-        flops = _flops(predict, variables, x)
 
         def step() -> None:
-            predict(variables, x).block_until_ready()
+            compiled(*fn_args).block_until_ready()
 
-    step()  # compile
-    compile_s = time.perf_counter() - t0
     seconds = _time_loop(step, args.warmup, args.min_seconds, args.min_iters)
+    device = jax.devices()[0]
     return {
-        "examples_per_s": batch / seconds,
+        "examples_per_s": case.batch / seconds,
         "compile_s": compile_s,
-        "flops_per_example": flops / batch if flops else None,
         "peak_rss_mb": _peak_rss_mb(),
         "backend": jax.default_backend(),
-        "devices": str(jax.devices()[0].device_kind),
+        "device": str(device.device_kind),
+        "front_end": config.front_end_kernels(),
         "version": f"jax {jax.__version__}",
     }
 
 
-def _flops(fn, *args, train_axis: bool = False) -> float | None:
-    """XLA's FLOP count of fn(*args) (train_step needs its pmap axis name bound: vmap over 1)."""
+def worker_flops(mode: str) -> dict:
+    """The network's FLOPs per example, from XLA's cost analysis on the CPU backend."""
     import jax
 
-    try:
-        if train_axis:
-            from jaxtag import train
+    from jaxtag.model import ModelConfig
 
-            wrapped = jax.vmap(fn, axis_name=train.AXIS)
-            args = jax.tree_util.tree_map(lambda x: x[None], args)
-            lowered = jax.jit(wrapped).lower(*args)
-        else:
-            lowered = fn.lower(*args)
-        cost = lowered.compile().cost_analysis()
-        if isinstance(cost, list):
-            cost = cost[0]
-        return float(cost.get("flops", 0.0)) or None
-    except Exception:  # cost analysis is best effort: some backends do not report it
-        return None
+    config = ModelConfig(front_end="reference")  # the network's FLOPs, not the kernels'
+    with jax.default_device(jax.devices("cpu")[0]):
+        fn, fn_args = _programs(mode, config, FLOP_BATCH)
+        cost = fn.lower(*fn_args).compile().cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0]
+    return {"flops_per_example": float(cost["flops"]) / FLOP_BATCH}
 
 
-def worker_torch(mode: str, batch: int, args: argparse.Namespace) -> dict:
+def worker_compile(args: argparse.Namespace) -> dict:
+    """Compile seconds of the float32 train and infer programs (COMPILE_BATCH), cache on."""
+    from jaxtag.model import ModelConfig
+    from jaxtag.runtime import enable_compilation_cache
+
+    enable_compilation_cache(args.cache_dir)
+    out = {}
+    for mode in ("train", "infer"):
+        fn, fn_args = _programs(mode, ModelConfig(), COMPILE_BATCH)
+        t0 = time.perf_counter()
+        fn.lower(*fn_args).compile()
+        out[mode] = time.perf_counter() - t0
+    return out
+
+
+def worker_torch(case: Case, args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
@@ -136,10 +212,10 @@ def worker_torch(mode: str, batch: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = ref.MTSA(ref.RELEASED)
     rng = np.random.RandomState(0)
-    mel = torch.from_numpy(rng.uniform(-80, 40, (batch, 96, FRAMES)).astype(np.float32))
-    tags = torch.from_numpy((rng.uniform(size=(batch, 50)) > 0.9).astype(np.float32))
+    mel = torch.from_numpy(rng.uniform(-80, 40, (case.batch, 96, FRAMES)).astype(np.float32))
+    tags = torch.from_numpy((rng.uniform(size=(case.batch, 50)) > 0.9).astype(np.float32))
     t0 = time.perf_counter()
-    if mode == "train":
+    if case.mode == "train":
         model.train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         loss_fn = torch.nn.BCELoss()
@@ -162,83 +238,155 @@ def worker_torch(mode: str, batch: int, args: argparse.Namespace) -> dict:
     compile_s = time.perf_counter() - t0
     seconds = _time_loop(step, args.warmup, args.min_seconds, args.min_iters)
     return {
-        "examples_per_s": batch / seconds,
+        "examples_per_s": case.batch / seconds,
         "compile_s": compile_s,
         "peak_rss_mb": _peak_rss_mb(),
         "version": f"torch {torch.__version__}, {torch.get_num_threads()} threads",
     }
 
 
-def run_worker(framework: str, mode: str, batch: int, args: argparse.Namespace) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        framework,
-        "--mode",
-        mode,
-        "--batch",
-        str(batch),
-        "--dtype",
-        args.dtype,
-        "--warmup",
-        str(args.warmup),
-        "--min-seconds",
-        str(args.min_seconds),
-        "--min-iters",
-        str(args.min_iters),
-    ]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+def run_worker(worker: str, args: argparse.Namespace, *extra: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", worker, *extra]
+    cmd += ["--warmup", str(args.warmup), "--min-seconds", str(args.min_seconds)]
+    cmd += ["--min-iters", str(args.min_iters), "--cache-dir", args.cache_dir]
+    cmd += ["--front-end", args.front_end]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     if out.returncode != 0:
-        raise RuntimeError(f"{framework} {mode} batch {batch} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{worker} {' '.join(extra)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_for(device: str, dtype: str, given: dict[str, float]) -> float | None:
+    """Peak TFLOP/s for `dtype`: --peak-tflops first, then the table by device kind."""
+    if dtype in given:
+        return given[dtype]
+    for kind, peaks in PEAK_TFLOPS.items():
+        if kind in device:
+            return peaks[dtype]
+    return None
+
+
+def parse_peaks(items: list[str]) -> dict[str, float]:
+    peaks = {}
+    for item in items:
+        dtype, _, value = item.partition("=")
+        if dtype not in ("float32", "bfloat16") or not value:
+            raise SystemExit(f"bench_model.py: --peak-tflops wants DTYPE=TFLOPS, got {item!r}")
+        peaks[dtype] = float(value)
+    return peaks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
     parser.add_argument(
-        "--modes", nargs="+", default=["train", "infer"], choices=["train", "infer"]
+        "--case",
+        type=Case.parse,
+        action="append",
+        help="MODE:DTYPE:BATCH, e.g. train:bfloat16:1024 (repeatable; default "
+        + " ".join(DEFAULT_CASES)
+        + ")",
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--no-torch", action="store_true", help="measure jaxtag only")
+    parser.add_argument(
+        "--peak-tflops",
+        nargs="+",
+        default=[],
+        metavar="DTYPE=TFLOPS",
+        help="device peak for utilisation, e.g. bfloat16=989 float32=67 (H100/H200 known)",
+    )
+    parser.add_argument(
+        "--front-end",
+        default="auto",
+        choices=["auto", "reference", "banded"],
+        help="ModelConfig.front_end of the measured model (default auto: banded on CPU)",
+    )
+    parser.add_argument("--no-compile", action="store_true", help="skip the compile-time check")
+    parser.add_argument("--compile-only", action="store_true", help="only the compile times")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-seconds", type=float, default=8.0)
     parser.add_argument("--min-iters", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=["train", "infer"], help=argparse.SUPPRESS)
-    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--case-arg", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", default="off", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
-        result = (
-            worker_jax(args.mode, args.batch, args.dtype, args)
-            if args.worker == "jax"
-            else worker_torch(args.mode, args.batch, args)
-        )
+        if args.worker == "flops":
+            result = worker_flops(args.case_arg)
+        elif args.worker == "compile":
+            result = worker_compile(args)
+        else:
+            case = Case.parse(args.case_arg)
+            work = worker_jax if args.worker == "jax" else worker_torch
+            result = work(case, args)
         print(json.dumps(result))
         return
 
-    rows = []
-    for mode in args.modes:
-        for batch in args.batches:
-            jx = run_worker("jax", mode, batch, args)
-            th = None if args.no_torch else run_worker("torch", mode, batch, args)
-            rows.append({"mode": mode, "batch": batch, "jaxtag": jx, "torch": th})
-            _print_row(rows[-1])
-    print()
-    print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{platform.python_version()}, {rows[0]['jaxtag']['version']}, "
-        f"backend {rows[0]['jaxtag']['backend']} ({rows[0]['jaxtag']['devices']}), "
-        f"{rows[0]['torch']['version'] if rows[0]['torch'] else 'torch not measured'}, "
-        f"{time.strftime('%Y-%m-%d')}"
-    )
+    peaks = parse_peaks(args.peak_tflops)
+    with tempfile.TemporaryDirectory(prefix="jaxtag-cache-") as cache:
+        # One persistent compilation cache, empty at the start, for every jaxtag process: a
+        # measured case compiles cold (its compile column) and fills it for the compile check.
+        args.cache_dir = cache
+        results = measure(args, peaks)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        from jaxtag.fileio import atomic_write
+
+        atomic_write(args.json, json.dumps(results, indent=2))
+
+
+def measure(args: argparse.Namespace, peaks: dict[str, float]) -> dict:
+    results: dict = {"rows": [], "compile": None}
+    if not args.compile_only:
+        cases = args.case or [Case.parse(c) for c in DEFAULT_CASES]
+        with_torch = not args.no_torch and importlib.util.find_spec("torch") is not None
+        if not args.no_torch and not with_torch:
+            print("note: torch is not installed; the torch comparison is skipped")
+        flops = {
+            m: run_worker("flops", args, "--case-arg", m)["flops_per_example"]
+            for m in sorted({c.mode for c in cases})
+        }
+        for case in cases:
+            spec = f"{case.mode}:{case.dtype}:{case.batch}"
+            jx = run_worker("jax", args, "--case-arg", spec)
+            th = None
+            if with_torch and case.dtype == "float32":
+                th = run_worker("torch", args, "--case-arg", spec)
+            row = {"case": dataclasses.asdict(case), "jaxtag": jx, "torch": th}
+            row["flops_per_example"] = flops[case.mode]
+            row["peak_tflops"] = peak_for(jx["device"], case.dtype, peaks)
+            results["rows"].append(row)
+            _print_row(row)
+        first = results["rows"][0]["jaxtag"]
+        torch_version = next((r["torch"]["version"] for r in results["rows"] if r["torch"]), None)
+        print(
+            f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, {first['version']}, backend {first['backend']} "
+            f"({first['device']}), front end {first['front_end']}, "
+            f"{torch_version or 'torch not measured'}, {time.strftime('%Y-%m-%d')}"
+        )
+    if not args.no_compile:
+        first = {
+            r["case"]["mode"]: r["jaxtag"]["compile_s"]
+            for r in results["rows"]
+            if r["case"]["dtype"] == "float32" and r["case"]["batch"] == COMPILE_BATCH
+        }
+        if len(first) < 2:  # not both measured above: a cold run fills a cache of its own
+            args.cache_dir = tempfile.mkdtemp(dir=args.cache_dir)
+            first = run_worker("compile", args)
+        cached = run_worker("compile", args)
+        results["compile"] = {"first": first, "cached": cached}
+        print(
+            f"compile seconds (float32, batch {COMPILE_BATCH}), fresh process, "
+            f"empty cache / cached: train {first['train']:.1f} / {cached['train']:.1f}, "
+            f"infer {first['infer']:.1f} / {cached['infer']:.1f}"
+        )
+    return results
 
 
 HEADER_PRINTED = []
@@ -247,21 +395,21 @@ HEADER_PRINTED = []
 def _print_row(row: dict) -> None:
     if not HEADER_PRINTED:
         print(
-            f"{'mode':<6} {'batch':>5} {'jaxtag ex/s':>12} {'torch ex/s':>11} {'ratio':>6} "
-            f"{'compile s':>9} {'GFLOP/ex':>9} {'GFLOP/s':>8} {'jax MB':>7} {'torch MB':>8}"
+            f"{'mode':<6} {'dtype':<9} {'batch':>5} {'jaxtag ex/s':>12} {'torch ex/s':>11} "
+            f"{'ratio':>6} {'compile s':>9} {'GFLOP/ex':>9} {'TFLOP/s':>8} {'util':>6} "
+            f"{'jax MB':>7}"
         )
         HEADER_PRINTED.append(True)
-    jx, th = row["jaxtag"], row["torch"]
-    flops = jx["flops_per_example"]
-    gflop = f"{flops / 1e9:.2f}" if flops else "-"
-    gflops = f"{flops * jx['examples_per_s'] / 1e9:.1f}" if flops else "-"
+    case, jx, th = row["case"], row["jaxtag"], row["torch"]
+    flops = row["flops_per_example"]
+    tflops = flops * jx["examples_per_s"] / 1e12
+    util = f"{100 * tflops / row['peak_tflops']:.1f}%" if row["peak_tflops"] else "-"
     th_rate = f"{th['examples_per_s']:.1f}" if th else "-"
     ratio = f"{jx['examples_per_s'] / th['examples_per_s']:.2f}x" if th else "-"
-    th_mb = f"{th['peak_rss_mb']:.0f}" if th else "-"
     print(
-        f"{row['mode']:<6} {row['batch']:>5} {jx['examples_per_s']:>12.1f} "
-        f"{th_rate:>11} {ratio:>6} "
-        f"{jx['compile_s']:>9.1f} {gflop:>9} {gflops:>8} {jx['peak_rss_mb']:>7.0f} {th_mb:>8}",
+        f"{case['mode']:<6} {case['dtype']:<9} {case['batch']:>5} {jx['examples_per_s']:>12.1f} "
+        f"{th_rate:>11} {ratio:>6} {jx['compile_s']:>9.1f} {flops / 1e9:>9.2f} "
+        f"{tflops:>8.3f} {util:>6} {jx['peak_rss_mb']:>7.0f}",
         flush=True,
     )
 

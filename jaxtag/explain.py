@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtag.checkpoint import LoadedModel
-from jaxtag.model import MTSA
+from jaxtag.model import MTSA, attention_maps
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -42,8 +42,8 @@ def tag_contributions(model: MTSA, variables: Any, mel: jax.Array, layer: int) -
 @functools.partial(jax.jit, static_argnums=(0,))
 def predict_with_attention(model: MTSA, variables: Any, mel: jax.Array) -> tuple[jax.Array, list]:
     """Sigmoid outputs (B, tags) and every layer's attention (B, heads, S, S)."""
-    logits, attentions = model.apply(variables, mel, return_attention=True)
-    return jax.nn.sigmoid(logits), attentions
+    logits, state = model.apply(variables, mel, mutable=["intermediates"])
+    return jax.nn.sigmoid(logits), attention_maps(state["intermediates"])
 
 
 def explain_chunk(loaded: LoadedModel, chunk: np.ndarray, layer: int = -1) -> dict[str, np.ndarray]:

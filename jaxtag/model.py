@@ -1,6 +1,6 @@
 """The self-attention music tagger (MTSA) of Won, Chun & Serra (2019) as Flax Linen modules.
 
-Shape of the computation (NOTES-layout.md in the design references):
+Shape of the computation (`tests/torch_reference.py` is the same network in PyTorch):
 
     log-mel (B, 96, T) -> input BatchNorm
       -> 6 vertical branches (filter heights 86/38 x widths 7/3/1, max over the remaining rows)
@@ -9,8 +9,12 @@ Shape of the computation (NOTES-layout.md in the design references):
       -> prepend the fixed CLS vector -> positions -> post-LN BERT encoder layers
       -> tanh pooler on token 0 -> dropout -> classifier logits (B, num_tags)
 
+This file is the readable definition. `ModelConfig.front_end` may swap the front end for the
+fused kernels of `jaxtag/kernels.py` (same parameters, same function; faster on a CPU).
+
 The parameter tree mirrors the PyTorch key names (``front_end/layers_3/conv/kernel`` for
 ``front_end.layers.3.conv.weight``) so that the converter, checkpoints and tests speak one tree.
+Attention probabilities are sown into the ``intermediates`` collection (`attention_maps`).
 """
 
 from __future__ import annotations
@@ -33,18 +37,16 @@ Array = jax.Array
 VERTICAL_BRANCHES = ((0.9, 7, 1), (0.9, 3, 2), (0.9, 1, 4), (0.4, 7, 1), (0.4, 3, 2), (0.4, 1, 4))
 # Horizontal branches `front_end.layers.6..9`: (filter length, channel multiplier).
 HORIZONTAL_BRANCHES = ((165, 1), (129, 2), (65, 4), (33, 8))
-# 29: the sum of all channel multipliers above; conv1x1 sees 29 * conv_channels channels.
-FRONT_END_MULTIPLIER = sum(m for *_, m in VERTICAL_BRANCHES) + sum(
-    m for _, m in HORIZONTAL_BRANCHES
-)
+# The channel multipliers above sum to 29: conv1x1 sees 29 * conv_channels channels.
 
 BN_EPS = 1e-5  # PyTorch BatchNorm default
 BN_MOMENTUM = 0.1  # PyTorch convention: new = (1 - m) * old + m * batch
 LN_EPS = 1e-12  # BERT LayerNorm
-# Output rows per block of the banded vertical convolution (see `vertical_conv`): the
-# 38-row filters' 59 rows run as 5 blocks reading 49 input rows each, not 59 reading all 96.
-# 6 to 20 measured alike on a 2-core CPU.
-BLOCK_ROWS = 12
+PRECISIONS = {
+    "highest": jax.lax.Precision.HIGHEST,
+    "high": jax.lax.Precision.HIGH,
+    "default": None,  # the backend's default: TF32 on NVIDIA GPUs, bf16 passes on TPU
+}
 
 
 # ModelConfig fields that a run may change freely (speed, regularisation): they change neither
@@ -114,6 +116,19 @@ class ModelConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    @property
+    def lax_precision(self) -> jax.lax.Precision | None:
+        """The `precision` of every matrix product and convolution of the model."""
+        return PRECISIONS[self.precision]
+
+    def front_end_kernels(self) -> str:
+        """ "reference" or "banded"; "auto" picks banded on the CPU backend, where its fused
+        matrix products beat XLA's convolutions (README, Benchmarks), and the plain
+        convolutions elsewhere (cuDNN / TPU convolutions)."""
+        if self.front_end != "auto":
+            return self.front_end
+        return "banded" if jax.default_backend() == "cpu" else "reference"
+
 
 def cls_vector(width: int) -> np.ndarray:
     """The fixed CLS token of the original: seed 0, uniform [0, 1) float64, cast to float32.
@@ -144,10 +159,17 @@ def torch_uniform_init(fan_in: int) -> nn.initializers.Initializer:
     return init
 
 
-def dense(features: int, fan_in: int, dtype: Any, name: str | None) -> nn.Dense:
-    """A Linear layer initialised like PyTorch's."""
+def dense(features: int, fan_in: int, config: ModelConfig, name: str | None) -> nn.Dense:
+    """A Linear layer initialised like PyTorch's, at the configured dtype and precision."""
     init = torch_uniform_init(fan_in)
-    return nn.Dense(features, dtype=dtype, kernel_init=init, bias_init=init, name=name)
+    return nn.Dense(
+        features,
+        dtype=jnp.dtype(config.dtype),
+        precision=config.lax_precision,
+        kernel_init=init,
+        bias_init=init,
+        name=name,
+    )
 
 
 class BatchNorm(nn.Module):
@@ -169,8 +191,8 @@ class BatchNorm(nn.Module):
     ) -> tuple[Array, Array, Array, Array]:
         """(mean, 1 / std, scale, bias) with BN(x) = scale * (x - mean) / std + bias per channel.
 
-        In training `moments` are the batch's (mean, var, count), which also update the running
-        statistics; otherwise the running statistics are used.
+        In training `moments` are the batch's (mean, var, count) from `batch_moments`, which
+        also update the running statistics; otherwise the running statistics are used.
         """
         scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
@@ -186,6 +208,11 @@ class BatchNorm(nn.Module):
             mean, var = ra_mean.value, ra_var.value
         return mean, jax.lax.rsqrt(var + self.epsilon), scale, bias
 
+    def batch_moments(self, x: Array, weights: np.ndarray | None = None) -> tuple[Array, Any, Any]:
+        """`batch_moments` of x over this device's batch and, under pmap, all devices' (the
+        statistics of the global batch; not at init, where no axis is bound)."""
+        return batch_moments(x, None if self.is_initializing() else self.axis_name, weights)
+
     def coefficients(
         self, features: int, train: bool, moments: tuple[Array, Array, Any] | None = None
     ) -> tuple[Array, Array]:
@@ -195,9 +222,7 @@ class BatchNorm(nn.Module):
         return a, bias - mean * a
 
     def __call__(self, x: Array, train: bool) -> Array:
-        moments = None
-        if train:
-            moments = batch_moments(x, self.axis_name if not self.is_initializing() else None)
+        moments = self.batch_moments(x) if train else None
         a, c = self.coefficients(x.shape[-1], train, moments)
         return (x.astype(jnp.float32) * a + c).astype(x.dtype)
 
@@ -211,7 +236,7 @@ def batch_moments(
     Two passes (mean, then mean squared deviation), as PyTorch: E[x^2] - E[x]^2 loses digits in
     float32 when the mean is large next to the spread (dB inputs, conv maps). `weights`
     (broadcastable to x without its channel axis, plus a trailing 1) counts some positions
-    0 or 1 times: rows that a blocked convolution computed twice.
+    0 or 1 times (the blocked convolutions of jaxtag/kernels.py compute some rows twice).
     """
     x32 = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
@@ -232,116 +257,82 @@ def batch_moments(
     return mean, var, count
 
 
-class ConvWeights(nn.Module):
-    """Holds one branch's conv kernel and bias; the front end fuses several branches' kernels."""
+def conv(features: int, kernel_size: tuple[int, ...], config: ModelConfig, name: str) -> nn.Conv:
+    """A convolution initialised like PyTorch's, valid in frequency and same in time: the
+    time axis (second to last) is zero-padded by half the kernel width on both sides."""
+    init = torch_uniform_init(math.prod(kernel_size))  # one input channel
+    padding = [(0, 0)] * (len(kernel_size) - 1) + [(kernel_size[-1] // 2,) * 2]
+    return nn.Conv(
+        features,
+        kernel_size,
+        padding=padding,
+        dtype=jnp.dtype(config.dtype),
+        precision=config.lax_precision,
+        kernel_init=init,
+        bias_init=init,
+        name=name,
+    )
 
-    kernel_shape: tuple[int, ...]  # Flax layout: spatial dims..., in, out
 
-    @nn.compact
-    def __call__(self) -> tuple[Array, Array]:
-        fan_in = math.prod(self.kernel_shape[:-1])
-        init = torch_uniform_init(fan_in)
-        kernel = self.param("kernel", init, self.kernel_shape, jnp.float32)
-        bias = self.param("bias", init, (self.kernel_shape[-1],), jnp.float32)
-        return kernel, bias
+def vertical_branches(config: ModelConfig) -> list[tuple[int, int, int]]:
+    """(filter height, width, channels) of `front_end.layers.0..5`, in concat order."""
+    c, n_mels = config.conv_channels, config.n_mels
+    return [(int(frac * n_mels), w, m * c) for frac, w, m in VERTICAL_BRANCHES]
 
 
-class Branch(nn.Module):
-    """One front-end branch's parameters: `conv` weights and its `bn` (ReLU follows)."""
+def horizontal_branches(config: ModelConfig) -> list[tuple[int, int]]:
+    """(filter length, channels) of `front_end.layers.6..9`, in concat order."""
+    return [(k, m * config.conv_channels) for k, m in HORIZONTAL_BRANCHES]
 
-    kernel_shape: tuple[int, ...]
+
+class VerticalBranch(nn.Module):
+    """Conv over (frequency, time), BN, ReLU, max over the remaining frequency rows."""
+
+    config: ModelConfig
+    height: int
+    width: int
+    channels: int
     axis_name: str | None = None
 
-    def setup(self) -> None:
-        self.conv = ConvWeights(self.kernel_shape)
-        self.bn = BatchNorm(axis_name=self.axis_name)
-
-    def weights(self) -> tuple[Array, Array]:
-        return self.conv()
-
-    def bn_coefficients(
-        self, features: int, train: bool, moments: tuple[Array, Array, Any] | None
-    ) -> tuple[Array, Array]:
-        return self.bn.coefficients(features, train, moments)
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:  # (B, F, T, 1) -> (B, T, C)
+        y = conv(self.channels, (self.height, self.width), self.config, "conv")(x)
+        y = nn.relu(BatchNorm(self.axis_name, name="bn")(y, train))  # (B, F - h + 1, T, C)
+        return y.max(axis=1)
 
 
-def fuse_kernels(weights: list[tuple[Array, Array]], axis: int) -> tuple[Array, Array]:
-    """One convolution for several branches: each (kernel, bias) kernel zero-padded on `axis`
-    to the longest (odd sizes, same centre, so the result is exact), then kernels and biases
-    concatenated on the output-channel axis."""
-    size = max(k.shape[axis] for k, _ in weights)
+class HorizontalBranch(nn.Module):
+    """Conv over time on the frequency mean, BN, ReLU."""
 
-    def pad(kernel: Array) -> Array:
-        widths = [(0, 0)] * kernel.ndim
-        widths[axis] = ((size - kernel.shape[axis]) // 2,) * 2
-        return jnp.pad(kernel, widths)
+    config: ModelConfig
+    length: int
+    channels: int
+    axis_name: str | None = None
 
-    return (
-        jnp.concatenate([pad(k) for k, _ in weights], axis=-1),
-        jnp.concatenate([b for _, b in weights]),
-    )
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:  # (B, T, 1) -> (B, T, C)
+        y = conv(self.channels, (self.length,), self.config, "conv")(x)
+        return nn.relu(BatchNorm(self.axis_name, name="bn")(y, train))
 
 
-def vertical_conv(x: Array, kernel: Array) -> tuple[Array, np.ndarray | None]:
-    """Valid-in-frequency, same-in-time conv of (B, F, T) with an (h, w, 1, C) kernel.
-
-    Returns `(y, row_weights)`: y is (B, blocks, T, block_rows, C), the F - h + 1 output rows
-    split into blocks; `row_weights` (blocks, 1, block_rows, 1) counts each output row once
-    (blocks may overlap), or None when every row appears once.
-
-    The sum is written as a 1D convolution over time: each block of output rows reads a span of
-    input rows as channels through a banded (Toeplitz) kernel shared by all blocks, so forward
-    and backward passes are dense matrix products. On CPU, XLA's direct convolution of a
-    1-channel input is no faster in the forward pass (1.6x slower for narrow models) and its
-    kernel gradient for an 86-row filter ~4x slower; blocks keep the band's zero fill small
-    for short filters.
-    """
-    n_freq, n_time = x.shape[1], x.shape[2]
-    h, w, _, c = kernel.shape
-    rows = n_freq - h + 1
-    block = min(rows, BLOCK_ROWS)
-    blocks = -(-rows // block)
-    span = block + h - 1
-    # The last block starts early enough to stay inside the input; rows it repeats get weight 0.
-    starts = np.minimum(np.arange(blocks) * block, rows - block)
-    first = np.arange(blocks)[:, None] * block <= starts[:, None] + np.arange(block)[None, :]
-    spans = jnp.swapaxes(x, 1, 2)[:, :, starts[:, None] + np.arange(span)[None, :]]
-    spans = jnp.swapaxes(spans, 1, 2).reshape(-1, n_time, span)  # (B * blocks, T, span)
-    offset = np.arange(span)[:, None] - np.arange(block)[None, :]  # (span, block): filter row
-    inside = (offset >= 0) & (offset < h)
-    banded = jnp.where(inside[:, :, None, None], kernel[np.clip(offset, 0, h - 1), :, 0, :], 0)
-    banded = jnp.transpose(banded, (2, 0, 1, 3)).reshape(w, span, block * c)
-    y = jax.lax.conv_general_dilated(
-        spans,
-        banded,
-        window_strides=(1,),
-        padding=((w // 2, w // 2),),
-        dimension_numbers=("NWC", "WIO", "NWC"),
-    )
-    y = y.reshape(x.shape[0], blocks, n_time, block, c)
-    weights = None if first.all() else first[:, None, :, None].astype(np.float32)
-    return y, weights
-
-
-def inside_tap_sums(kernel: Array, n_time: int) -> Array:
-    """`vertical_conv` of an all-ones input, (T, C): the sum of the taps inside the signal
-    (fewer at the edges, where the time padding is zero)."""
-    w = kernel.shape[1]
-    taps = np.arange(n_time)[:, None] + np.arange(w)[None, :] - w // 2
-    inside = jnp.asarray((taps >= 0) & (taps < n_time), kernel.dtype)  # keeps bf16 as bf16
-    return inside @ kernel.sum(axis=0)[:, 0, :]
-
-
-def horizontal_conv(x: Array, kernel: Array) -> Array:
-    """Same-padded 1D conv of (B, T) with a (k, C) kernel (odd k) -> (B, T, C), as a matmul.
-
-    The k shifted copies of a single-channel signal are small, and as a matrix product both the
-    forward pass and the kernel gradient are fast on every backend.
-    """
-    k = kernel.shape[0]
-    padded = jnp.pad(x, ((0, 0), (k // 2, k // 2)))
-    windows = padded[:, np.arange(x.shape[1])[:, None] + np.arange(k)[None, :]]  # (B, T, k)
-    return jnp.einsum("btk,kc->btc", windows, kernel)
+def mix_branches(
+    branch_outputs: list[Array], config: ModelConfig, axis_name: str | None, train: bool
+) -> Array:
+    """Concat (B, T, 29 * C) -> 1x1 conv + BN + ReLU -> (B, T, width). Called from a front
+    end's compact method, whose `conv1x1` and `bn` these layers become."""
+    x = jnp.concatenate(branch_outputs, axis=-1)
+    init = torch_uniform_init(x.shape[-1])
+    x = nn.Conv(
+        config.width,
+        (1,),
+        dtype=jnp.dtype(config.dtype),
+        precision=config.lax_precision,
+        kernel_init=init,
+        bias_init=init,
+        name="conv1x1",
+    )(x)
+    x = BatchNorm(axis_name, name="bn")(x, train)
+    return nn.relu(x)
 
 
 class FrontEnd(nn.Module):
@@ -353,85 +344,27 @@ class FrontEnd(nn.Module):
     @nn.compact
     def __call__(self, mel: Array, train: bool) -> Array:
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        c = cfg.conv_channels
-        # The input BatchNorm has one channel: scale * x_hat + shift with x_hat the standardised
-        # mel, which depends on the data only. Since convolution is linear, scale and shift are
-        # applied after the vertical convolutions (shift through the taps inside the signal), so
-        # the backward pass needs no gradient for the large convolution input.
-        moments = self.synced_moments(mel[..., None]) if train else None
-        mean, inv_std, scale, shift = (
-            v.astype(dtype)
-            for v in BatchNorm(self.axis_name, name="input_bn").statistics(1, train, moments)
-        )
-        x_hat = (mel.astype(dtype) - mean) * inv_std  # (B, F, T)
-
-        branches = []
-        for i, (frac, w, m) in enumerate(VERTICAL_BRANCHES):
-            h = int(frac * cfg.n_mels)
-            branches.append(Branch((h, w, 1, m * c), self.axis_name, name=f"layers_{i}"))
-        for i, (k, m) in enumerate(HORIZONTAL_BRANCHES, start=len(VERTICAL_BRANCHES)):
-            branches.append(Branch((k, 1, m * c), self.axis_name, name=f"layers_{i}"))
-
+        x = BatchNorm(self.axis_name, name="input_bn")(mel[..., None], train)  # (B, F, T, 1)
+        x = x.astype(jnp.dtype(cfg.dtype))
+        freq_mean = x.mean(axis=1)  # (B, T, 1)
         outputs = []
-        # Branches sharing a filter height run as one convolution (widths padded to the widest).
-        for group in (branches[0:3], branches[3:6]):
-            kernel, bias = fuse_kernels([b.weights() for b in group], axis=1)
-            kernel = kernel.astype(dtype)
-            y, row_weights = vertical_conv(x_hat, kernel)
-            offset = shift * inside_tap_sums(kernel, x_hat.shape[2]) + bias.astype(dtype)
-            y = scale * y + offset[:, None]  # offset: (T, C)
-            # BN + ReLU per frequency row, then the max over all remaining rows.
-            y = self.normalize_group(group, y, train, row_weights)
-            outputs.append(y.max(axis=(1, 3)))  # (B, T, sum c_i)
+        for i, (h, w, c) in enumerate(vertical_branches(cfg)):
+            outputs.append(
+                VerticalBranch(cfg, h, w, c, self.axis_name, name=f"layers_{i}")(x, train)
+            )
+        for i, (k, c) in enumerate(horizontal_branches(cfg), start=len(outputs)):
+            branch = HorizontalBranch(cfg, k, c, self.axis_name, name=f"layers_{i}")
+            outputs.append(branch(freq_mean, train))
+        return mix_branches(outputs, cfg, self.axis_name, train)
 
-        # Horizontal branches on the frequency mean, also fused into one zero-padded conv.
-        group = branches[6:]
-        kernel, bias = fuse_kernels([b.weights() for b in group], axis=0)
-        freq_mean = scale * x_hat.mean(axis=1) + shift
-        y = horizontal_conv(freq_mean, kernel[:, 0].astype(dtype)) + bias.astype(dtype)
-        outputs.append(self.normalize_group(group, y, train))
 
-        x = jnp.concatenate(outputs, axis=-1)  # (B, T, 29 * C)
-        fan_in = FRONT_END_MULTIPLIER * c
-        x = nn.Conv(
-            cfg.width,
-            (1,),
-            dtype=dtype,
-            kernel_init=torch_uniform_init(fan_in),
-            bias_init=torch_uniform_init(fan_in),
-            name="conv1x1",
-        )(x)
-        x = BatchNorm(self.axis_name, name="bn")(x, train)
-        return nn.relu(x)
+def front_end(config: ModelConfig, axis_name: str | None) -> nn.Module:
+    """The front end `config.front_end_kernels()` names, as the submodule `front_end`."""
+    if config.front_end_kernels() == "banded":
+        from jaxtag.kernels import BandedFrontEnd  # builds on this module's layers
 
-    def synced_moments(
-        self, x: Array, weights: np.ndarray | None = None
-    ) -> tuple[Array, Array, Any]:
-        """`batch_moments` over this device's batch and, under pmap, all devices' (not at init)."""
-        sync = self.axis_name if not self.is_initializing() else None
-        return batch_moments(x, sync, weights)
-
-    def normalize_group(
-        self, group: list[Branch], y: Array, train: bool, weights: np.ndarray | None = None
-    ) -> Array:
-        """ReLU(BN(y)) for the concatenated channels of a group of branches, in one pass.
-
-        Each branch keeps its own BatchNorm parameters and statistics; the per-channel affine
-        maps are concatenated and applied to the fused tensor, since slicing that large tensor
-        per branch costs more than the convolution's own output pass.
-        """
-        sizes = [b.kernel_shape[-1] for b in group]
-        moments = self.synced_moments(y, weights) if train else None
-        coefficients = []
-        for branch, lo, hi in zip(
-            group, np.cumsum([0, *sizes[:-1]]), np.cumsum(sizes), strict=True
-        ):
-            part = None if moments is None else (moments[0][lo:hi], moments[1][lo:hi], moments[2])
-            coefficients.append(branch.bn_coefficients(hi - lo, train, part))
-        a = jnp.concatenate([a for a, _ in coefficients]).astype(y.dtype)
-        c = jnp.concatenate([c for _, c in coefficients]).astype(y.dtype)
-        return nn.relu(y * a + c)
+        return BandedFrontEnd(config, axis_name, name="front_end")
+    return FrontEnd(config, axis_name, name="front_end")
 
 
 def layer_norm(x: Array) -> Array:
@@ -441,7 +374,8 @@ def layer_norm(x: Array) -> Array:
 
 
 class SelfAttention(nn.Module):
-    """BERT self-attention; returns the context and the attention probabilities.
+    """BERT self-attention. The attention probabilities (B, heads, queries, S) are sown into
+    `intermediates` as `attention` (see `attention_maps`).
 
     With `cls_only`, only token 0 (CLS) queries: the last layer's other outputs never reach the
     pooler, so skipping them is exact and saves most of that layer's work. `probs_override`, if
@@ -458,24 +392,26 @@ class SelfAttention(nn.Module):
         train: bool,
         probs_override: Array | None = None,
         cls_only: bool = False,
-    ) -> tuple[Array, Array]:
+    ) -> Array:
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
         head_dim = cfg.width // cfg.num_heads
 
         def heads(name: str, inputs: Array) -> Array:
-            y = dense(cfg.width, cfg.width, dtype, name)(inputs)
+            y = dense(cfg.width, cfg.width, cfg, name)(inputs)
             return y.reshape(*y.shape[:-1], cfg.num_heads, head_dim)
 
         q = heads("query", x[:, :1] if cls_only else x)
         k, v = heads("key", x), heads("value", x)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(head_dim)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=cfg.lax_precision)
+        probs = jax.nn.softmax((scores / math.sqrt(head_dim)).astype(jnp.float32), axis=-1)
         if probs_override is not None:
             probs = jnp.broadcast_to(probs_override.astype(jnp.float32), probs.shape)
+        self.sow("intermediates", "attention", probs)
         dropped = nn.Dropout(cfg.attention_dropout, deterministic=not train)(probs)
-        context = jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(dtype), v)
-        return context.reshape(*context.shape[:-2], cfg.width), probs
+        context = jnp.einsum(
+            "bhqk,bkhd->bqhd", dropped.astype(v.dtype), v, precision=cfg.lax_precision
+        )
+        return context.reshape(*context.shape[:-2], cfg.width)
 
 
 class ResidualOutput(nn.Module):
@@ -487,7 +423,7 @@ class ResidualOutput(nn.Module):
     @nn.compact
     def __call__(self, h: Array, residual: Array, train: bool) -> Array:
         cfg = self.config
-        h = dense(cfg.width, self.fan_in, jnp.dtype(cfg.dtype), "dense")(h)
+        h = dense(cfg.width, self.fan_in, cfg, "dense")(h)
         h = nn.Dropout(cfg.hidden_dropout, deterministic=not train)(h)
         return layer_norm(h + residual)
 
@@ -502,11 +438,12 @@ class Attention(nn.Module):
         train: bool,
         probs_override: Array | None = None,
         cls_only: bool = False,
-    ) -> tuple[Array, Array]:
-        context, probs = SelfAttention(self.config, name="self")(x, train, probs_override, cls_only)
+    ) -> Array:
+        context = SelfAttention(self.config, name="self")(x, train, probs_override, cls_only)
         residual = x[:, :1] if cls_only else x
-        output = ResidualOutput(self.config, self.config.width, name="output")
-        return output(context, residual, train), probs
+        return ResidualOutput(self.config, self.config.width, name="output")(
+            context, residual, train
+        )
 
 
 class Intermediate(nn.Module):
@@ -516,8 +453,7 @@ class Intermediate(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        cfg = self.config
-        h = dense(cfg.ffn_size, cfg.width, jnp.dtype(cfg.dtype), "dense")(x)
+        h = dense(self.config.ffn_size, self.config.width, self.config, "dense")(x)
         return nn.gelu(h, approximate=False)
 
 
@@ -533,11 +469,11 @@ class EncoderLayer(nn.Module):
         train: bool,
         probs_override: Array | None = None,
         cls_only: bool = False,
-    ) -> tuple[Array, Array]:
+    ) -> Array:
         cfg = self.config
-        attended, probs = Attention(cfg, name="attention")(x, train, probs_override, cls_only)
+        attended = Attention(cfg, name="attention")(x, train, probs_override, cls_only)
         hidden = Intermediate(cfg, name="intermediate")(attended)
-        return ResidualOutput(cfg, cfg.ffn_size, name="output")(hidden, attended, train), probs
+        return ResidualOutput(cfg, cfg.ffn_size, name="output")(hidden, attended, train)
 
 
 class Embedding(nn.Module):
@@ -560,7 +496,7 @@ class Embedding(nn.Module):
 
 
 class Encoder(nn.Module):
-    """The stack of encoder layers, runnable from any layer (see `MTSA.tag_contributions`)."""
+    """The stack of encoder layers, runnable from any layer (see `MTSA.logits_with_attention`)."""
 
     config: ModelConfig
 
@@ -573,38 +509,39 @@ class Encoder(nn.Module):
         train: bool,
         first_layer: int = 0,
         attention_override: tuple[int, Array] | None = None,
-        full_last_layer: bool = False,
-    ) -> tuple[Array, list[Array]]:
-        """Runs layers first_layer.. on x; returns CLS states (B, width) and the attentions.
+    ) -> Array:
+        """Runs layers first_layer.. on x; returns the CLS states (B, width).
 
-        The last layer computes only the CLS query unless `full_last_layer` (for its full map).
+        The last layer computes only the CLS query, unless the attention maps are collected
+        (`intermediates` mutable) or overridden: then its full map is computed.
         """
-        attentions = []
+        full_last_layer = attention_override is not None or self.is_mutable_collection(
+            "intermediates"
+        )
         last = self.config.num_layers - 1
         for i in range(first_layer, self.config.num_layers):
             override = None
             if attention_override is not None and attention_override[0] == i:
                 override = attention_override[1]
-            cls_only = i == last and not full_last_layer
-            x, probs = self.layer[i](x, train, override, cls_only)
-            attentions.append(probs)
-        return x[:, 0], attentions
+            x = self.layer[i](x, train, override, i == last and not full_last_layer)
+        return x[:, 0]
 
     def prefix(self, x: Array, stop_layer: int) -> Array:
         """Hidden states after layers 0..stop_layer-1 (eval mode), all tokens."""
         for i in range(stop_layer):
-            x, _ = self.layer[i](x, False)
+            x = self.layer[i](x, False)
         return x
 
 
 class MTSA(nn.Module):
     """The full tagger: log-mel (B, n_mels, T) -> tag logits (B, num_tags).
 
-    Sigmoid is left to callers (the loss works on logits for stability). With
-    `return_attention=True` it also returns every layer's attention probabilities, a list of
-    (B, heads, S, S) arrays with S = T + 1. `attention_override=(layer, probs)` replaces that
-    layer's attention probabilities (broadcast to (B, heads, S, S)). There is no batch-size
-    limit (the original tiles its CLS vector to 32 rows).
+    Sigmoid is left to callers (the loss works on logits for stability). Every layer's attention
+    probabilities, (B, heads, S, S) with S = T + 1, are sown: apply with
+    `mutable=["intermediates"]` and read them with `attention_maps`.
+    `attention_override=(layer, probs)` replaces that layer's attention probabilities (broadcast
+    to (B, heads, S, S)). There is no batch-size limit (the original tiles its CLS vector to 32
+    rows).
     """
 
     config: ModelConfig
@@ -612,36 +549,32 @@ class MTSA(nn.Module):
 
     def setup(self) -> None:
         cfg = self.config
-        self.front_end = FrontEnd(cfg, self.axis_name)
+        self.front_end = front_end(cfg, self.axis_name)
         if cfg.positions == "learned":
             self.embedding = Embedding(cfg)
         self.encoder = Encoder(cfg)
-        self.pooler = dense(cfg.width, cfg.width, jnp.dtype(cfg.dtype), None)
+        self.pooler = dense(cfg.width, cfg.width, cfg, None)
         self.dropout = nn.Dropout(cfg.classifier_dropout)
-        self.classifier = dense(cfg.num_tags, cfg.width, jnp.dtype(cfg.dtype), None)
+        self.classifier = dense(cfg.num_tags, cfg.width, cfg, None)
 
     def __call__(
         self,
         mel: Array,
         train: bool = False,
-        return_attention: bool = False,
         attention_override: tuple[int, Array] | None = None,
-    ) -> Array | tuple[Array, list[Array]]:
-        x = self.embed(mel, train)
-        full = return_attention or attention_override is not None
-        cls, attentions = self.encoder(x, train, 0, attention_override, full_last_layer=full)
-        logits = self.classify(cls, train)
-        return (logits, attentions) if return_attention else logits
+    ) -> Array:
+        cls = self.encoder(self.embed(mel, train), train, 0, attention_override)
+        return self.classify(cls, train)
 
     def embed(self, mel: Array, train: bool = False) -> Array:
         """Front end, CLS token and positions: (B, n_mels, T) -> (B, T + 1, width)."""
+        return self.tokens(self.front_end(mel, train), train)
+
+    def tokens(self, frames: Array, train: bool = False) -> Array:
+        """The CLS token prepended to the front end's frames (B, T, width), and positions."""
         cfg = self.config
-        dtype = jnp.dtype(cfg.dtype)
-        x = self.front_end(mel, train)  # (B, T, width)
-        cls = jnp.broadcast_to(
-            jnp.asarray(cls_vector(cfg.width), dtype), (x.shape[0], 1, cfg.width)
-        )
-        x = jnp.concatenate([cls, x], axis=1)
+        cls = jnp.asarray(cls_vector(cfg.width), frames.dtype)
+        x = jnp.concatenate([jnp.broadcast_to(cls, (frames.shape[0], 1, cfg.width)), frames], 1)
         seq_len = x.shape[1]
         if seq_len > cfg.positions_length:
             raise ValueError(
@@ -650,7 +583,8 @@ class MTSA(nn.Module):
             )
         if cfg.positions == "learned":
             return self.embedding(x, train)
-        return x + jnp.asarray(sinusoidal_table(cfg.positions_length, cfg.width)[:seq_len], dtype)
+        table = sinusoidal_table(cfg.positions_length, cfg.width)[:seq_len]
+        return x + jnp.asarray(table, x.dtype)
 
     def classify(self, cls: Array, train: bool = False) -> Array:
         """Pooler (tanh) on the CLS state, dropout, classifier: (B, width) -> logits (B, tags)."""
@@ -667,17 +601,16 @@ class MTSA(nn.Module):
         `head(features(mel))` equals `__call__(mel)`; fine-tuning a head on a frozen backbone
         and `jaxtag embed` use the two halves.
         """
-        cls, _ = self.encoder(self.embed(mel, train), train)
-        return jnp.tanh(self.pooler(cls))
+        return jnp.tanh(self.pooler(self.encoder(self.embed(mel, train), train)))
 
     def representations(self, mel: Array) -> dict[str, Array]:
         """Eval-mode representations by name, each (B, width): `front_end` (mean over frames),
         `layer_<i>` (mean over the tokens leaving encoder layer i) and `pooled` (`features`)."""
-        front = self.front_end(mel, False)
-        out = {"front_end": front.mean(axis=1)}
-        x = self.embed(mel)
+        frames = self.front_end(mel, False)
+        out = {"front_end": frames.mean(axis=1)}
+        x = self.tokens(frames)
         for i in range(self.config.num_layers):
-            x, _ = self.encoder.layer[i](x, False)
+            x = self.encoder.layer[i](x, False)
             out[f"layer_{i}"] = x.mean(axis=1)
         out["pooled"] = jnp.tanh(self.pooler(x[:, 0]))
         return out
@@ -688,15 +621,30 @@ class MTSA(nn.Module):
 
     def logits_with_attention(self, hidden: Array, layer: int, probs: Array) -> Array:
         """Eval-mode logits when layer `layer`, fed `hidden`, uses attention `probs`."""
-        cls, _ = self.encoder(hidden, False, layer, (layer, probs))
-        return self.classify(cls)
+        return self.classify(self.encoder(hidden, False, layer, (layer, probs)))
+
+
+def attention_maps(intermediates: Mapping[str, Any]) -> list[Array]:
+    """Every encoder layer's sown attention probabilities, in layer order, from the
+    `intermediates` collection of an apply with `mutable=["intermediates"]`."""
+    layers = intermediates["encoder"]
+    names = sorted(layers, key=lambda name: int(name.removeprefix("layer_")))
+    return [layers[name]["attention"]["self"]["attention"][-1] for name in names]
 
 
 def init_variables(config: ModelConfig, rng: Array, frames: int = 256) -> dict[str, Any]:
     """Fresh {'params', 'batch_stats'} as plain nested dicts."""
     model = MTSA(config)
     mel = jnp.zeros((1, config.n_mels, frames), jnp.float32)
-    variables = jax.jit(lambda r: model.init(r, mel, train=False))(rng)
+    init = jax.jit(lambda r: model.init(r, mel, train=False))
+    if isinstance(rng, jax.core.Tracer) or jax.default_backend() != "cpu":  # e.g. eval_shape
+        variables = init(rng)
+    else:
+        # The program is ~140 small random-number generators (a key fold-in per module path
+        # level, a draw per parameter), each compiled on its own; it runs once, so a lighter
+        # LLVM optimisation level roughly halves its CPU compile time, same values (tested).
+        compiled = init.lower(rng).compile({"xla_backend_optimization_level": 1})
+        variables = compiled(rng)
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
 

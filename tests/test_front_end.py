@@ -1,13 +1,44 @@
-"""The front end's blocked banded convolution and post-convolution input BatchNorm equal the
-plain definitions: BatchNorm on the input, then a direct 2D convolution (XLA's, independent of
-the code under test)."""
+"""The two front ends agree: `model.FrontEnd` (plain convolutions, the readable definition) and
+`kernels.BandedFrontEnd` (fused, blocked banded kernels), in values, parameter gradients and
+BatchNorm statistics, in training and evaluation, float32 and bfloat16. The banded kernels are
+also checked one by one against XLA's direct 2D convolution.
+"""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from jaxtag.model import BLOCK_ROWS, batch_moments, inside_tap_sums, vertical_conv
+from jaxtag.kernels import BLOCK_ROWS, inside_tap_sums, vertical_conv
+from jaxtag.model import MTSA, ModelConfig, batch_moments, init_variables
+from tests.conftest import log_mel_like
+
+HIGHEST = jax.lax.Precision.HIGHEST
+SMALL = ModelConfig(
+    conv_channels=4,
+    width=64,
+    num_layers=1,
+    num_heads=4,
+    ffn_size=128,
+    attention_dropout=0.0,
+    hidden_dropout=0.0,
+    classifier_dropout=0.0,
+)
+FRAMES = 64
+# Largest |banded - reference| measured on this CPU (2-core AMD EPYC), max over the leaves;
+# gradients relative to the largest gradient:
+#   float32:  logits 3.0e-7, gradients 2.4e-7, statistics 1.2e-7 (float32 rounding only);
+#   bfloat16: logits 3.9e-3 (one bf16 step near |logit| 1), gradients 2.4e-2, statistics 1.5e-3.
+# In bfloat16 each path is itself that far from the float32 result (logits 4.2e-3, gradients
+# 2.3e-2 for the reference, 0.9e-2 for the banded path): the paths agree as well as bfloat16
+# allows. The tolerances leave about 4x margin.
+TOLERANCES = {
+    "float32": {"logits": 2e-6, "grads": 2e-6, "stats": 1e-6},
+    "bfloat16": {"logits": 1.6e-2, "grads": 1e-1, "stats": 6e-3},
+}
 
 
 def direct_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -19,6 +50,7 @@ def direct_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
         window_strides=(1, 1),
         padding=((0, 0), (w // 2, w // 2)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=HIGHEST,
     )
 
 
@@ -41,7 +73,7 @@ def test_blocked_banded_conv_equals_direct_conv(height, width, n_freq):
     rng = np.random.RandomState(height)
     x = jnp.asarray(rng.normal(size=(3, n_freq, 40)).astype(np.float32))
     kernel = jnp.asarray(rng.normal(size=(height, width, 1, 6)).astype(np.float32))
-    y, weights = vertical_conv(x, kernel)
+    y, weights = vertical_conv(x, kernel, HIGHEST)
     np.testing.assert_allclose(
         rows_in_order(y, weights), direct_conv(x, kernel), rtol=1e-5, atol=1e-4
     )
@@ -53,7 +85,7 @@ def test_weighted_moments_count_each_row_once():
     rng = np.random.RandomState(0)
     x = jnp.asarray((3 + 2 * rng.normal(size=(2, 96, 30))).astype(np.float32))
     kernel = jnp.asarray(rng.normal(size=(38, 7, 1, 4)).astype(np.float32))
-    y, weights = vertical_conv(x, kernel)
+    y, weights = vertical_conv(x, kernel, HIGHEST)
     assert weights is not None and weights.sum() < weights.size  # some rows appear twice
     mean, var, count = batch_moments(y, None, weights)
     rows = np.asarray(direct_conv(x, kernel)).reshape(-1, 4)
@@ -64,7 +96,7 @@ def test_weighted_moments_count_each_row_once():
 
 def test_post_conv_affine_equals_conv_of_affine_input_with_gradients():
     """conv(s * x + b) = s * conv(x) + b * (taps inside the signal): values and the gradients
-    with respect to kernel, s and b (the training front end relies on this)."""
+    with respect to kernel, s and b (the banded front end relies on this)."""
     rng = np.random.RandomState(2)
     x = jnp.asarray(rng.normal(size=(2, 96, 20)).astype(np.float32))
     kernel = jnp.asarray(rng.normal(size=(38, 3, 1, 4)).astype(np.float32))
@@ -74,8 +106,8 @@ def test_post_conv_affine_equals_conv_of_affine_input_with_gradients():
         return jnp.sum(direct_conv(scale * x + shift, kernel) * probe)
 
     def post_conv(kernel, scale, shift):
-        y, weights = vertical_conv(x, kernel)
-        y = scale * y + shift * inside_tap_sums(kernel, 20)[:, None]
+        y, weights = vertical_conv(x, kernel, HIGHEST)
+        y = scale * y + shift * inside_tap_sums(kernel, 20, HIGHEST)[:, None]
         return jnp.sum(rows_in_order(y, weights) * probe)
 
     args = (kernel, 1.3, 0.4)
@@ -84,3 +116,94 @@ def test_post_conv_affine_equals_conv_of_affine_input_with_gradients():
     got = jax.grad(post_conv, argnums=(0, 1, 2))(*args)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-3)
+
+
+def _variables(config: ModelConfig) -> dict:
+    """Fresh parameters with running statistics away from their 0/1 defaults (dB input)."""
+    variables = init_variables(config, jax.random.PRNGKey(1), FRAMES)
+    rng = np.random.RandomState(0)
+
+    def statistic(path, x):
+        if path[-1].key == "var":
+            return (0.2 + np.abs(rng.normal(1.0, 0.3, x.shape))).astype(np.float32)
+        return rng.normal(0.0, 0.3, x.shape).astype(np.float32)
+
+    stats = jax.tree_util.tree_map_with_path(statistic, variables["batch_stats"])
+    stats["front_end"]["input_bn"] = {"mean": np.float32([-25.0]), "var": np.float32([18.0**2])}
+    return {"params": variables["params"], "batch_stats": stats}
+
+
+def _loss_grads_stats(config: ModelConfig, variables: dict, mel: np.ndarray, train: bool):
+    """(logits, parameter gradients of a BCE loss, batch_stats after the call)."""
+    model = MTSA(config)
+    tags = np.random.RandomState(5).uniform(size=(mel.shape[0], config.num_tags)) > 0.7
+
+    def loss(params):
+        inputs = {"params": params, "batch_stats": variables["batch_stats"]}
+        if train:
+            logits, updates = model.apply(inputs, mel, train=True, mutable=["batch_stats"])
+            stats = updates["batch_stats"]
+        else:
+            logits, stats = model.apply(inputs, mel), variables["batch_stats"]
+        return optax.sigmoid_binary_cross_entropy(logits, tags).mean(), (logits, stats)
+
+    (_, (logits, stats)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        variables["params"]
+    )
+    return logits, grads, stats
+
+
+def _max_diff(a, b) -> float:
+    pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    return max(float(np.max(np.abs(np.float32(x) - np.float32(y)))) for x, y in pairs)
+
+
+def test_both_front_ends_have_the_same_variables():
+    trees = [
+        init_variables(dataclasses.replace(SMALL, front_end=name), jax.random.PRNGKey(3), FRAMES)
+        for name in ("reference", "banded")
+    ]
+    paths = [[p for p, _ in jax.tree_util.tree_leaves_with_path(t)] for t in trees]
+    assert paths[0] == paths[1]
+    for a, b in zip(*(jax.tree_util.tree_leaves(t) for t in trees), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)  # same initialisers under the same names
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_banded_front_end_equals_reference(dtype, train):
+    config = dataclasses.replace(SMALL, dtype=dtype)
+    variables = _variables(config)
+    mel = log_mel_like(6, seed=3, frames=FRAMES)
+    ref = _loss_grads_stats(
+        dataclasses.replace(config, front_end="reference"), variables, mel, train
+    )
+    fast = _loss_grads_stats(dataclasses.replace(config, front_end="banded"), variables, mel, train)
+    tol = TOLERANCES[dtype]
+    grad_scale = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(ref[1]))
+    assert grad_scale > 1e-3 and np.std(ref[0]) > 0.1  # something to compare
+    assert _max_diff(fast[0], ref[0]) < tol["logits"]
+    assert _max_diff(fast[1], ref[1]) < tol["grads"] * grad_scale
+    assert _max_diff(fast[2], ref[2]) < tol["stats"]
+    if train:  # the statistics moved, and the same way
+        assert _max_diff(ref[2], variables["batch_stats"]) > 1e-2
+
+
+def test_branch_groups_follow_the_filter_heights():
+    """Another mel size changes both filter heights (43 and 19 rows of 48): still equal."""
+    config = dataclasses.replace(SMALL, n_mels=48)
+    variables = _variables(config)
+    mel = log_mel_like(3, seed=4, n_mels=48, frames=FRAMES)
+    outputs = [
+        MTSA(dataclasses.replace(config, front_end=name)).apply(variables, mel, train=False)
+        for name in ("reference", "banded")
+    ]
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-6)
+
+
+def test_auto_picks_banded_on_cpu_and_reference_elsewhere(monkeypatch):
+    assert ModelConfig(front_end="auto").front_end_kernels() == "banded"  # tests run on a CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert ModelConfig(front_end="auto").front_end_kernels() == "reference"
+    assert ModelConfig(front_end="banded").front_end_kernels() == "banded"

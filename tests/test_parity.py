@@ -4,15 +4,18 @@ Random weights and BatchNorm statistics, saved by torch in both formats under `m
 converted by `jaxtag.convert`, then compared in eval mode on 40 dB-scaled spectrograms: sigmoid
 outputs and every attention map must agree to 1e-5.
 
-Measured on the 2-core CPU box: outputs <= 5.4e-7, attention <= 2.9e-6. Both frameworks are equally
-far from a float64 run of the reference (~2e-6 on the attention maps), and JAX's
-'highest' matmul precision gives bit-identical results on CPU, so the default precision is
-full float32 there. The query/key scale (conftest.QK_GAIN) sets how peaked the attention is, and
-the float32 noise grows with it (~7e-6 at 2x the default init scale, ~1e-5 at 2.5x).
+Both front ends (`front_end="reference"`, plain convolutions, and "banded", the CPU kernels of
+jaxtag/kernels.py) are compared. Measured on the 2-core CPU box: outputs <= 5.4e-7, attention
+<= 2.9e-6 for either. Both frameworks are equally far from a float64 run of the reference (~2e-6
+on the attention maps). The model asks for HIGHEST matmul precision (tests/test_precision.py),
+which makes the same numbers reachable on a GPU, whose float32 default is TF32. The query/key
+scale (conftest.QK_GAIN) sets how peaked the attention is, and the float32 noise grows with it
+(~7e-6 at 2x the default init scale, ~1e-5 at 2.5x).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -21,7 +24,7 @@ import numpy as np
 import pytest
 
 from jaxtag.checkpoint import load_model
-from jaxtag.model import MTSA, ModelConfig, cls_vector
+from jaxtag.model import MTSA, ModelConfig, attention_maps, cls_vector
 from tests import torch_reference as ref
 from tests.conftest import BATCH, CONFIGS, FORMATS
 
@@ -31,11 +34,11 @@ SEQ = 257  # 256 frames + CLS
 
 @functools.cache
 def _apply(config: ModelConfig):  # one compiled forward per architecture
-    return jax.jit(
-        lambda variables, mel: MTSA(config).apply(
-            variables, mel, train=False, return_attention=True
-        )
-    )
+    def forward(variables, mel):
+        logits, state = MTSA(config).apply(variables, mel, train=False, mutable=["intermediates"])
+        return logits, attention_maps(state["intermediates"])
+
+    return jax.jit(forward)
 
 
 @functools.cache
@@ -78,10 +81,11 @@ def test_reference_fixed_inputs_follow_the_notes():
     )
 
 
+@pytest.mark.parametrize("front_end", ["reference", "banded"])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_converted_model_matches_reference(
-    name, fmt, reference_factory, converted_factory, reference_mel
+    name, fmt, front_end, reference_factory, converted_factory, reference_mel
 ):
     case = reference_factory(name)
     want_probs, want_attention = _reference_outputs(case, reference_mel.tobytes())
@@ -92,7 +96,9 @@ def test_converted_model_matches_reference(
         assert probs.max(-1).mean() > 4 / SEQ  # rows peak well above the uniform 1/257
 
     loaded = load_model(converted_factory(name, fmt))
-    logits, attention = _apply(loaded.config)(loaded.variables, reference_mel)
+    assert loaded.config.front_end == "auto"  # converted checkpoints choose per backend
+    config = dataclasses.replace(loaded.config, front_end=front_end)
+    logits, attention = _apply(config)(loaded.variables, reference_mel)
     got_probs = np.asarray(jax.nn.sigmoid(logits))
 
     assert len(attention) == len(want_attention) == 2
@@ -100,7 +106,10 @@ def test_converted_model_matches_reference(
     for got, want in zip(attention, want_attention, strict=True):
         assert got.shape == want.shape == (BATCH, 8, SEQ, SEQ)
         errors.append(float(np.abs(np.asarray(got) - want).max()))
-    print(f"{name}/{fmt} max abs diff: outputs, attention per layer:", [f"{e:.2e}" for e in errors])
+    print(
+        f"{name}/{fmt}/{front_end} max abs diff: outputs, attention per layer:",
+        [f"{e:.2e}" for e in errors],
+    )
     assert max(errors) < TOLERANCE, errors
 
 

@@ -1,12 +1,13 @@
 """An independent PyTorch reference of MTSA (Won, Chun & Serra 2019), for the parity tests.
 
-Written from the architecture notes of the design references (NOTES-layout.md), not from the
-Flax code: module names reproduce the original state_dict keys exactly (`front_end.layers.3.bn`,
-`back_end.encoder.layer.1.attention.self.query`, ...), and `wrap()` adds the `module.` prefix of
-the original DataParallel training. It deliberately keeps the original's behaviour where the
-notes describe it (global max over the frequency rows, erf GELU, eps 1e-12 LayerNorm, the seed-0
-CLS token, sinusoidal row 0 = 0, the table added with `expand_as`), but not its defects: any batch
-size works and numpy's global RNG is left alone.
+Written from the original code's architecture, not from the Flax code: module names reproduce
+the original state_dict keys exactly (`front_end.layers.3.bn`,
+`back_end.encoder.layer.1.attention.self.query`, ...; the original's saved layouts are
+`tests/data/*_state_dict_layout.json`), and `wrap()` adds the `module.` prefix of the original
+DataParallel training. It deliberately keeps the original's behaviour (global max over the
+frequency rows, erf GELU, eps 1e-12 LayerNorm, the seed-0 CLS token, sinusoidal row 0 = 0, the
+table added with `expand_as`), but not its defects: any batch size works and numpy's global RNG
+is left alone.
 
 torch is a test-only dependency: nothing in `jaxtag` imports this file.
 """
@@ -256,5 +257,11 @@ class MTSA(nn.Module):
 
 
 def wrap(model: nn.Module) -> nn.DataParallel:
-    """DataParallel, as the original training used it: state_dict keys gain `module.`."""
-    return nn.DataParallel(model)
+    """DataParallel, as the original training used it: state_dict keys gain `module.`.
+
+    Kept on the CPU even where torch sees a GPU (DataParallel would move the model there and
+    scatter inputs to it): the reference is the float32 CPU computation the parity tests trust.
+    """
+    wrapped = nn.DataParallel(model)
+    wrapped.device_ids = []  # forward() then calls the module directly, on the CPU
+    return wrapped.cpu()
