@@ -28,7 +28,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import base, common
+from . import base, common
 
 CSV_NAME = "tags.csv"
 _SPLIT_ALIASES = {

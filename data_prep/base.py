@@ -31,8 +31,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_prep import common
 from jaxtag import audio
+
+from . import common
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """Split names used by every builder (TFDS convention; MTAT's "valid" folder 'c' -> validation)."""
@@ -121,6 +122,15 @@ class MelDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         self.num_workers = num_workers
         self.report: common.BuildReport | None = None
         self.cache_dir: str | None = None
+
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." before and "... downloaded
+    # and prepared" after a build; nothing is downloaded here and the build command prints its own
+    # summary (build.py), so both stay silent.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _mel_info(
         self,

@@ -21,7 +21,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import base, common
+from . import base, common
 
 ANNOTATIONS = "annotations_final.csv"
 FOLDERS = "0123456789abcdef"

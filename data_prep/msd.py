@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import base, common
+from . import base, common
 
 TRAIN_LIST = "filtered_list_train.cP"
 TEST_LIST = "filtered_list_test.cP"

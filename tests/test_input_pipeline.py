@@ -209,7 +209,7 @@ def test_builder_lookup(ds, tmp_path):
     from_files = ip.get_builder(str(ds.data_dir), None)
     assert ip.tag_names(from_files) == ip.tag_names(again)
     assert ip.num_examples(from_files, "train") == 24
-    with pytest.raises(FileNotFoundError, match="python -m data_prep.build magnatagatune"):
+    with pytest.raises(FileNotFoundError, match="python -m jaxtag.data_prep.build magnatagatune"):
         ip.get_builder("magnatagatune", str(tmp_path))
-    with pytest.raises(KeyError, match="no split 'valid'"):
+    with pytest.raises(KeyError, match="no split 'valid'; it has test, train, validation"):
         ip.num_examples(again, "valid")
