@@ -7,7 +7,7 @@ result is. The TFDS ``_generate_examples`` step then only reads finished ``.npy`
 
 - decoding and mel computation use all cores (TFDS's own generation loop is single-threaded);
 - a rerun after a kill (or a build of another config of the same dataset) redoes nothing that was
-  finished: cache files are written to a temporary name and ``os.replace``-d into place, so a file
+  finished: cache files are written whole or not at all (``jaxtag.fileio.atomic_write``), so a file
   that exists is complete. Failures (broken audio) are cached as a ``.err`` text file too, so known
   broken files are reported again without being decoded again.
 
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from jaxtag import audio
+from jaxtag.fileio import atomic_write
 
 MEL_DTYPE = np.float16
 """Storage dtype of the spectrograms (cache and dataset).
@@ -128,21 +129,14 @@ class MelCache:
 
     def put(self, key: str, mel: np.ndarray) -> MelResult:
         path = self._base(key) + ".npy"
-        _atomic_write(path, lambda f: np.save(f, np.asarray(mel, dtype=MEL_DTYPE)))
+        with atomic_write(path, "wb") as f:
+            np.save(f, np.asarray(mel, dtype=MEL_DTYPE))
         return MelResult(path, None, int(mel.shape[-1]))
 
     def put_error(self, key: str, message: str) -> MelResult:
-        _atomic_write(self._base(key) + ".err", lambda f: f.write(message.encode("utf-8")))
+        with atomic_write(self._base(key) + ".err", encoding="utf-8") as f:
+            f.write(message)
         return MelResult(None, message)
-
-
-def _atomic_write(path: str, write: Callable[[Any], object]) -> None:
-    """Writes via a temporary file in the same directory and ``os.replace``: all or nothing."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def _npy_frames(path: str) -> int:

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from data_prep import audio_folder, build, common, magnatagatune, msd, synth, synthetic_tags
 from jaxtag import audio, input_pipeline
+from jaxtag.tags import MSD_TOP50, MTAT_TOP50
 from tests.data_fixtures import (
     make_fake_msd,
     make_fake_mtat,
@@ -62,7 +63,7 @@ def test_mtat_split_membership_and_tag_vectors(mtat):
         assert builder.info.splits[split].num_examples == len(expected)
         for clip_id, ex in examples.items():
             clip = expected[clip_id]
-            want = np.array([t in clip.tags for t in magnatagatune.MTAT_TOP50], np.float32)
+            want = np.array([t in clip.tags for t in MTAT_TOP50], np.float32)
             np.testing.assert_array_equal(ex["tags"], want)
             assert ex["path"].decode() == clip.mp3_path
     # 5 train (folders 0, 5, b), 3 validation (c), 3 test (d, f): 11 of the 14 listed clips.
@@ -97,7 +98,7 @@ def test_mtat_skip_report(mtat):
     assert all(path in summary for path in bad)
     # The same report and the tag order come back from the built files alone.
     reread = input_pipeline.get_builder("magnatagatune", data_dir)
-    assert input_pipeline.tag_names(reread) == list(magnatagatune.MTAT_TOP50)
+    assert input_pipeline.tag_names(reread) == list(MTAT_TOP50)
     assert reread.info.metadata["num_skipped"] == 2
     assert set(reread.info.metadata["skipped"]) == set(bad)
     assert reread.info.metadata["dropped"] == {"none of the top-50 tags": 1}
@@ -121,7 +122,7 @@ def test_mtat_by_count_config_reuses_the_mel_cache(mtat, monkeypatch):
     counts = {t: sum(t in c.tags for c in fake.clips) for t in fake.header_tags}
     expected = sorted(counts, key=lambda t: (-counts[t], t))[:50]
     names = input_pipeline.tag_names(builder)
-    assert names == expected and names != list(magnatagatune.MTAT_TOP50)
+    assert names == expected and names != list(MTAT_TOP50)
     # Only the clip that had no top-50 tag before ("zz rare" is in this top 50) is new work.
     assert "zz rare" in names
     assert decoded == [c.mp3_path for c in fake.clips if c.status == "dropped"]
@@ -256,7 +257,7 @@ def test_msd_standard_split_from_py2_pickles(tmp_path, monkeypatch):
             np.testing.assert_array_equal(ex["tags"], fake.vectors[msd_id].astype(np.float32))
             assert ex["path"].decode() == fake.paths[msd_id]
     assert set(builder.report.skipped) == set(fake.missing_ids)
-    assert input_pipeline.tag_names(builder) == list(msd.MSD_TOP50)
+    assert input_pipeline.tag_names(builder) == list(MSD_TOP50)
     assert input_pipeline.tag_names(builder)[17] == "Mellow"
 
 
