@@ -241,6 +241,8 @@ class BuildReport:
         (broken, empty or missing audio).
       dropped: reason -> count, for clips left out by the dataset's definition (e.g. MTAT clips
         with none of the top-50 tags).
+      shorter_than_chunk: written clips shorter than one 256-frame chunk (~4.1 s), which readers
+        pad; clips under ``MIN_CLIP_SECONDS`` are not written but skipped.
       audio_seconds: audio in the written examples (from frame counts, +-16 ms per clip).
       start_time: ``time.time()`` when the build started.
     """
@@ -248,6 +250,7 @@ class BuildReport:
     written: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)
+    shorter_than_chunk: int = 0
     audio_seconds: float = 0.0
     start_time: float = dataclasses.field(default_factory=time.time)
 
@@ -270,9 +273,32 @@ class BuildReport:
                 lines.append(f"  ... and {len(self.skipped) - max_listed} more")
                 break
             lines.append(f"  {name}: {reason}")
+        if self.shorter_than_chunk:
+            lines.append(
+                f"shorter than one {chunk_seconds():.1f} s chunk (kept, padded when read): "
+                f"{self.shorter_than_chunk}"
+            )
         for reason, count in sorted(self.dropped.items()):
             lines.append(f"dropped by design: {count} ({reason})")
         return "\n".join(lines)
+
+
+MIN_CLIP_SECONDS = 1.0
+"""Clips with less audio are skipped (and listed): under a quarter of a chunk, most of every
+training crop would be padding; such clips are mostly truncated or broken files (an mp3 cut off
+after its first frames decodes to a fraction of a second)."""
+
+
+def too_short(frames: int) -> str | None:
+    """The skip reason for a clip of ``frames`` frames under ``MIN_CLIP_SECONDS``, else None."""
+    seconds = frames * audio.HOP / audio.SAMPLE_RATE  # frames are centred: +-16 ms
+    if seconds >= MIN_CLIP_SECONDS:
+        return None
+    return f"only {seconds:.2f} s of audio (clips under {MIN_CLIP_SECONDS:g} s are skipped)"
+
+
+def chunk_seconds() -> float:
+    return frames_to_seconds(audio.CHUNK_FRAMES)
 
 
 def frames_to_seconds(frames: int) -> float:

@@ -88,6 +88,8 @@ def load_audio(
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise AudioError(f"{path}: no such audio file")
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"{path}: the file is empty (0 bytes)")
     if offset < 0 or (duration is not None and duration <= 0):
         raise ValueError(f"offset must be >= 0 and duration > 0, got {offset}, {duration}")
     try:
@@ -99,7 +101,12 @@ def load_audio(
             count = -1 if duration is None else int(round(duration * file_sr))
             data = f.read(count, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types (LibsndfileError, RuntimeError...).
-        raise AudioError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from e
+        # For an existing file whose bytes no decoder accepts (e.g. an .mp3 without one valid
+        # frame) libsndfile says "does not exist ... (possibly a pipe?)": say what it is instead.
+        detail = f"{type(e).__name__}: {e}"
+        if "possibly a pipe" in str(e) or "Format not recognised" in str(e):
+            detail = "not an audio file, or its audio data is corrupt"
+        raise AudioError(f"{path}: cannot decode audio ({detail})") from e
     if data.size == 0:
         where = f" after {offset:g} s" if offset else ""
         raise AudioError(f"{path}: the file holds no audio samples{where}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -235,6 +236,52 @@ def test_tags_csv_parsing_and_errors(tmp_path):
     path.write_text("path,tags,split\nx.wav,a,train\ny.wav,b,dev\n")
     with pytest.raises(common.DataError, match="tags.csv:3: unknown split 'dev'"):
         audio_folder.read_tags_csv(str(path))
+
+
+def test_tags_csv_from_a_spreadsheet_bom_and_crlf(tmp_path):
+    """Excel's "CSV UTF-8": a byte-order mark before the header and CRLF line ends."""
+    path = tmp_path / "tags.csv"
+    path.write_bytes(
+        "path,tags,split\r\nx.wav,rock;caf\u00e9,train\r\ny.wav,jazz,\r\n".encode("utf-8-sig")
+    )
+    assert path.read_bytes().startswith(b"\xef\xbb\xbfpath")
+    rows = audio_folder.read_tags_csv(str(path))
+    assert rows == [
+        audio_folder.Row("x.wav", ("rock", "caf\u00e9"), "train"),
+        audio_folder.Row("y.wav", ("jazz",), audio_folder.hash_split("y.wav")),
+    ]
+
+
+def test_short_empty_and_non_audio_clips_are_reported_by_what_they_are(tmp_path):
+    manual = tmp_path / "music"
+    write_audio(str(manual / "long.wav"), seconds=5.0)
+    write_audio(str(manual / "short.wav"), seconds=2.0)  # under one chunk: kept, padded
+    full = write_audio(str(manual / "full.mp3"), seconds=3.0, sr=44100)
+    with open(full, "rb") as f:
+        head = f.read(3000)  # a download cut short: decodes to ~0.18 s
+    (manual / "truncated.mp3").write_bytes(head)
+    (manual / "empty.wav").write_bytes(b"")
+    (manual / "notes.mp3").write_text("not audio at all\n")
+    names = ["long.wav", "short.wav", "truncated.mp3", "empty.wav", "notes.mp3"]
+    (manual / "tags.csv").write_text(
+        "path,tags,split\n" + "".join(f"{n},rock,train\n" for n in names)
+    )
+    builder = audio_folder.AudioFolder(data_dir=str(tmp_path / "tfds"), config="all", num_workers=1)
+    prepare(builder, str(manual))
+    skipped = builder.report.skipped
+    assert sorted(skipped) == ["empty.wav", "notes.mp3", "truncated.mp3"]
+    assert "the file is empty (0 bytes)" in skipped["empty.wav"]
+    assert "not an audio file, or its audio data is corrupt" in skipped["notes.mp3"]
+    assert re.search(
+        r"only 0\.1\d s of audio \(clips under 1 s are skipped\)", skipped["truncated.mp3"]
+    )
+    assert not any("possibly a pipe" in reason for reason in skipped.values())
+    assert sorted(read_split(builder, "train")) == ["long.wav", "short.wav"]
+    assert builder.report.shorter_than_chunk == 1
+    summary = builder.report.summary()
+    assert "shorter than one 4.1 s chunk (kept, padded when read): 1" in summary
+    assert "truncated.mp3: " + skipped["truncated.mp3"] in summary
+    assert builder.info.metadata["shorter_than_chunk"] == 1
 
 
 # ----------------------------------------------------------------------------------------------
