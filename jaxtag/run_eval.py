@@ -14,7 +14,11 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+import jaxtag
+
+jaxtag.require_train_extra("jaxtag-eval")
+
+from absl import app, flags, logging  # noqa: E402  (after the check: absent in a core install)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory or training workdir.")

@@ -22,10 +22,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
 import jaxtag
+
+jaxtag.require_train_extra("jaxtag-train")
+
+from absl import app, flags, logging  # noqa: E402  (after the check: absent in a core install)
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")

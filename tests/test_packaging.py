@@ -132,3 +132,20 @@ def test_tag_runs_without_tensorflow(tmp_path):
     result = run([sys.executable, "-c", code], env=dict(os.environ, JAXTAG_CACHE_DIR="off"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert '"low"' in result.stdout and song.name in result.stdout
+
+
+@pytest.mark.parametrize("command", ["jaxtag.run_train", "jaxtag.run_eval", "data_prep.build"])
+def test_train_commands_without_the_train_extra_say_what_to_install(command, tmp_path):
+    code = (
+        "import runpy, sys\n"
+        "sys.modules['tensorflow'] = sys.modules['ml_collections'] = None  # a core install\n"
+        f"sys.argv = ['x', 'synthetic_tags', '--data_dir', {str(tmp_path)!r}]\n"
+        f"runpy.run_module({command!r}, run_name='__main__')\n"
+    )
+    result = run([sys.executable, "-c", code])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"{'jaxtag-build' if 'build' in command else command.replace('.run_', '-')}: "
+        "tensorflow, ml_collections not installed; training, evaluation and dataset building "
+        "need the train extra: pip install 'jaxtag[train]'"
+    ]
