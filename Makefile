@@ -41,7 +41,7 @@ test-py312:
 	$(PYTHON312) -m venv $(VENV312)
 	$(VENV312)/bin/python -m pip install -q --upgrade pip
 	$(VENV312)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[train]' pytest
-	$(VENV312)/bin/python -m pytest -q -m "not torch" -o 'filterwarnings=$(OWN_DEPRECATIONS)'
+	$(VENV312)/bin/python -m pytest -q --durations=15 -m "not torch" -o 'filterwarnings=$(OWN_DEPRECATIONS)'
 
 lint: setup-test
 	$(PY) -m ruff check .
