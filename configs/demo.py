@@ -8,7 +8,7 @@ to a validation ROC-AUC above 0.9 in a few minutes. Build the data first:
 
 import ml_collections
 
-from configs.common import get_base_config
+from .common import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

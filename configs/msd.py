@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from configs.common import get_base_config
+from .common import get_base_config
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -8,7 +8,7 @@ Variants (`--config configs/mtat.py:VARIANT`):
 
 import ml_collections
 
-from configs.common import get_base_config
+from .common import get_base_config
 
 
 def get_config(variant: str = "released") -> ml_collections.ConfigDict:

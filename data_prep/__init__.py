@@ -1,17 +1,21 @@
 """TFDS builders for jaxtag: magnatagatune, msd, audio_folder, synthetic_tags.
 
-Importing a builder module registers it with TFDS (``tfds.builder('magnatagatune', ...)``);
-:func:`register` imports them all. This package's ``__init__`` itself stays light on purpose: the
-mel computation's worker processes import ``data_prep.common`` and should not pay for TensorFlow.
-Build any of them with ``python -m data_prep.build NAME --data_dir DIR``.
+Installed as ``jaxtag.data_prep`` (see pyproject.toml); from a clone this folder also imports as
+``data_prep``, so both ``python -m jaxtag.data_prep.build`` and ``python -m data_prep.build`` work.
+The modules import each other relatively for that reason. The library (``jaxtag/``) never imports
+them: it reads built datasets from their directories (``jaxtag.input_pipeline.get_builder``).
+
+Importing a builder module registers it with TFDS; :func:`register` imports them all. This
+package's ``__init__`` itself stays light on purpose: the mel computation's worker processes
+import ``common`` and should not pay for TensorFlow.
 """
+
+import importlib
 
 BUILDERS = ("magnatagatune", "msd", "audio_folder", "synthetic_tags")
 
 
 def register() -> None:
     """Imports every builder module so that TFDS knows the names in ``BUILDERS``."""
-    import importlib
-
     for name in BUILDERS:
-        importlib.import_module(f"data_prep.{name}")
+        importlib.import_module(f".{name}", __name__)

@@ -28,7 +28,7 @@ import re
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import base, common
+from . import base, common
 
 CSV_NAME = "tags.csv"
 _SPLIT_ALIASES = {
@@ -59,10 +59,15 @@ def split_tags(text: str) -> tuple[str, ...]:
 
 
 def read_tags_csv(path: str) -> list[Row]:
-    """Parses the CSV; errors name the file and line."""
-    with open(path, newline="", encoding="utf-8") as f:
+    """Parses the CSV; errors name the file and line.
+
+    A spreadsheet's "CSV UTF-8" export is read as written: its byte-order mark is dropped
+    (``utf-8-sig``) and CRLF line ends are the csv module's own (``newline=''``).
+    """
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        columns = reader.fieldnames or []
+        reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
+        columns = reader.fieldnames
         missing = [c for c in ("path", "tags") if c not in columns]
         if missing:
             raise common.DataError(f"{path}: missing column(s) {missing}; found {columns}")

@@ -15,8 +15,10 @@ Every dataset has these features (plus the subclass's extras):
 
 ``info.metadata`` holds ``tag_names`` (the order of ``tags``), so a reader needs nothing but the
 built files (``jaxtag.input_pipeline.tag_names``), and the build's report: ``num_skipped`` and
-``skipped`` (clip -> reason for unusable audio), ``dropped`` (reason -> count of clips left out by
-the dataset's definition) and ``audio_hours``.
+``skipped`` (clip -> reason for unusable audio: missing, empty, undecodable, or under
+``common.MIN_CLIP_SECONDS``), ``dropped`` (reason -> count of clips left out by the dataset's
+definition), ``shorter_than_chunk`` (clips kept that are shorter than one chunk) and
+``audio_hours``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_prep import common
 from jaxtag import audio
+
+from . import common
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """Split names used by every builder (TFDS convention; MTAT's "valid" folder 'c' -> validation)."""
@@ -122,6 +125,15 @@ class MelDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         self.report: common.BuildReport | None = None
         self.cache_dir: str | None = None
 
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." before and "... downloaded
+    # and prepared" after a build; nothing is downloaded here and the build command prints its own
+    # summary (build.py), so both stay silent.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _mel_info(
         self,
         *,
@@ -161,11 +173,13 @@ class MelDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         ready: dict[str, list[tuple[Clip, common.MelResult]]] = {s: [] for s in SPLITS}
         for clip in collection.clips:
             result = results[clip.job.key]
-            if result.ok:
-                ready[clip.split].append((clip, result))
-                report.audio_seconds += common.frames_to_seconds(result.frames)
-            else:
-                report.skipped[clip.job.name] = result.error
+            error = result.error if not result.ok else common.too_short(result.frames)
+            if error:
+                report.skipped[clip.job.name] = error
+                continue
+            ready[clip.split].append((clip, result))
+            report.audio_seconds += common.frames_to_seconds(result.frames)
+            report.shorter_than_chunk += result.frames < audio.CHUNK_FRAMES
         report.written = {s: len(v) for s, v in ready.items()}
         self.report = report
         self.info.metadata.update(
@@ -173,6 +187,7 @@ class MelDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             num_skipped=len(report.skipped),
             skipped=dict(sorted(report.skipped.items())[:MAX_SKIPPED_IN_METADATA]),
             dropped=dict(report.dropped),
+            shorter_than_chunk=report.shorter_than_chunk,
             audio_hours=round(report.audio_seconds / 3600, 4),
         )
         if not any(ready.values()):

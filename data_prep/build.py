@@ -1,4 +1,6 @@
-"""Builds a jaxtag dataset: ``python -m data_prep.build NAME --data_dir DIR [options]``.
+"""Builds a jaxtag dataset: ``python -m jaxtag.data_prep.build NAME --data_dir DIR [options]``.
+
+(``jaxtag-build``; from a clone also ``python -m data_prep.build``.)
 
 Heavy imports (TensorFlow, TFDS) happen inside :func:`main`: the mel computation's worker
 processes are started with 'spawn', which re-imports this ``__main__`` module in each worker.
@@ -12,7 +14,9 @@ import shutil
 import sys
 import time
 
-from data_prep import BUILDERS
+import jaxtag  # (also sets TensorFlow's logging variables before TF is imported)
+
+from . import BUILDERS, register
 
 _EPILOG = """\
 datasets:
@@ -30,16 +34,17 @@ cache is removed after a successful build unless --keep_cache. Broken audio file
 listed in the closing summary (and in the dataset's metadata).
 
 examples:
-  python -m data_prep.build synthetic_tags --data_dir ~/tensorflow_datasets
-  python -m data_prep.build magnatagatune --data_dir ~/tfds --manual_dir ~/mtat --config by_count
+  {prog} synthetic_tags --data_dir ~/tensorflow_datasets
+  {prog} magnatagatune --data_dir ~/tfds --manual_dir ~/mtat --config by_count
 """
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    prog = f"python -m {__package__}.build"
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.build",
+        prog=prog,
         description="Decode audio, compute 96-band log-mel spectrograms and write a TFDS dataset.",
-        epilog=_EPILOG,
+        epilog=_EPILOG.format(prog=prog),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=BUILDERS, help="dataset to build")
@@ -80,12 +85,15 @@ def _remove_interrupted_builds(version_dir: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Runs the build; returns the exit status (0 ok, 1 bad input file, 2 missing input)."""
     args = parse_args(argv)
+    jaxtag.require_train_extra("jaxtag-build")
     import tensorflow_datasets as tfds
 
-    import data_prep
-    from data_prep import common
+    from jaxtag import input_pipeline
 
-    data_prep.register()
+    from . import common
+
+    register()
+    input_pipeline.quiet_tfds()
     cls = tfds.builder_cls(args.name)
     configs = [c.name for c in cls.BUILDER_CONFIGS]
     if args.config and args.config not in configs:

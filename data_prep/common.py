@@ -7,7 +7,7 @@ result is. The TFDS ``_generate_examples`` step then only reads finished ``.npy`
 
 - decoding and mel computation use all cores (TFDS's own generation loop is single-threaded);
 - a rerun after a kill (or a build of another config of the same dataset) redoes nothing that was
-  finished: cache files are written to a temporary name and ``os.replace``-d into place, so a file
+  finished: cache files are written whole or not at all (``jaxtag.fileio.atomic_write``), so a file
   that exists is complete. Failures (broken audio) are cached as a ``.err`` text file too, so known
   broken files are reported again without being decoded again.
 
@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from jaxtag import audio
+from jaxtag.fileio import atomic_write
 
 MEL_DTYPE = np.float16
 """Storage dtype of the spectrograms (cache and dataset).
@@ -128,21 +129,14 @@ class MelCache:
 
     def put(self, key: str, mel: np.ndarray) -> MelResult:
         path = self._base(key) + ".npy"
-        _atomic_write(path, lambda f: np.save(f, np.asarray(mel, dtype=MEL_DTYPE)))
+        with atomic_write(path, "wb") as f:
+            np.save(f, np.asarray(mel, dtype=MEL_DTYPE))
         return MelResult(path, None, int(mel.shape[-1]))
 
     def put_error(self, key: str, message: str) -> MelResult:
-        _atomic_write(self._base(key) + ".err", lambda f: f.write(message.encode("utf-8")))
+        with atomic_write(self._base(key) + ".err", encoding="utf-8") as f:
+            f.write(message)
         return MelResult(None, message)
-
-
-def _atomic_write(path: str, write: Callable[[Any], object]) -> None:
-    """Writes via a temporary file in the same directory and ``os.replace``: all or nothing."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def _npy_frames(path: str) -> int:
@@ -247,6 +241,8 @@ class BuildReport:
         (broken, empty or missing audio).
       dropped: reason -> count, for clips left out by the dataset's definition (e.g. MTAT clips
         with none of the top-50 tags).
+      shorter_than_chunk: written clips shorter than one 256-frame chunk (~4.1 s), which readers
+        pad; clips under ``MIN_CLIP_SECONDS`` are not written but skipped.
       audio_seconds: audio in the written examples (from frame counts, +-16 ms per clip).
       start_time: ``time.time()`` when the build started.
     """
@@ -254,6 +250,7 @@ class BuildReport:
     written: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)
+    shorter_than_chunk: int = 0
     audio_seconds: float = 0.0
     start_time: float = dataclasses.field(default_factory=time.time)
 
@@ -276,9 +273,32 @@ class BuildReport:
                 lines.append(f"  ... and {len(self.skipped) - max_listed} more")
                 break
             lines.append(f"  {name}: {reason}")
+        if self.shorter_than_chunk:
+            lines.append(
+                f"shorter than one {chunk_seconds():.1f} s chunk (kept, padded when read): "
+                f"{self.shorter_than_chunk}"
+            )
         for reason, count in sorted(self.dropped.items()):
             lines.append(f"dropped by design: {count} ({reason})")
         return "\n".join(lines)
+
+
+MIN_CLIP_SECONDS = 1.0
+"""Clips with less audio are skipped (and listed): under a quarter of a chunk, most of every
+training crop would be padding; such clips are mostly truncated or broken files (an mp3 cut off
+after its first frames decodes to a fraction of a second)."""
+
+
+def too_short(frames: int) -> str | None:
+    """The skip reason for a clip of ``frames`` frames under ``MIN_CLIP_SECONDS``, else None."""
+    seconds = frames * audio.HOP / audio.SAMPLE_RATE  # frames are centred: +-16 ms
+    if seconds >= MIN_CLIP_SECONDS:
+        return None
+    return f"only {seconds:.2f} s of audio (clips under {MIN_CLIP_SECONDS:g} s are skipped)"
+
+
+def chunk_seconds() -> float:
+    return frames_to_seconds(audio.CHUNK_FRAMES)
 
 
 def frames_to_seconds(frames: int) -> float:

@@ -21,23 +21,15 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import base, common
+from jaxtag.tags import MTAT_TOP50
+
+from . import base, common
 
 ANNOTATIONS = "annotations_final.csv"
 FOLDERS = "0123456789abcdef"
 SPLIT_OF_FOLDER = (
     {f: "train" for f in "0123456789ab"} | {"c": "validation"} | {f: "test" for f in "def"}
 )
-
-# Reference data: the released model's output order (index 23 "loud", 24 "quiet").
-MTAT_TOP50: tuple[str, ...] = (
-    "guitar", "classical", "slow", "techno", "strings", "drums", "electronic", "rock", "fast",
-    "piano", "ambient", "beat", "violin", "vocal", "synth", "female", "indian", "opera", "male",
-    "singing", "vocals", "no vocals", "harpsichord", "loud", "quiet", "flute", "woman",
-    "male vocal", "no vocal", "pop", "soft", "sitar", "solo", "man", "classic", "choir", "voice",
-    "new age", "dance", "male voice", "female vocal", "beats", "harp", "cello", "no voice",
-    "weird", "country", "metal", "female voice", "choral",
-)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import base, common
+from jaxtag.tags import MSD_TOP50
+
+from . import base, common
 
 TRAIN_LIST = "filtered_list_train.cP"
 TEST_LIST = "filtered_list_test.cP"
@@ -36,17 +38,6 @@ SEVEN_D_TO_PATH = "7D_id_to_path.pkl"
 REQUIRED_FILES = (TRAIN_LIST, TEST_LIST, TAG_VECTORS, MSD_TO_7D, SEVEN_D_TO_PATH)
 TRAIN_SIZE = 201_680
 """Ids of ``filtered_list_train.cP`` before this index are training, the rest validation."""
-
-# Reference data: the Last.fm top-50 tags in the model's output order.
-MSD_TOP50: tuple[str, ...] = (
-    "rock", "pop", "alternative", "indie", "electronic", "female vocalists", "dance", "00s",
-    "alternative rock", "jazz", "beautiful", "metal", "chillout", "male vocalists",
-    "classic rock", "soul", "indie rock", "Mellow", "electronica", "80s", "folk", "90s", "chill",
-    "instrumental", "punk", "oldies", "blues", "hard rock", "ambient", "acoustic", "experimental",
-    "female vocalist", "guitar", "Hip-Hop", "70s", "party", "country", "easy listening", "sexy",
-    "catchy", "funk", "electro", "heavy metal", "Progressive rock", "60s", "rnb", "indie pop",
-    "sad", "House", "happy",
-)  # fmt: skip
 
 # Globals a pickle of lists, dicts, strings and numpy arrays may reference: numpy's array and
 # scalar reconstruction (old ``numpy.core`` names as written by Python 2 / numpy 1, and numpy 2's),

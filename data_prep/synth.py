@@ -28,11 +28,13 @@ so the same seed gives the same audio, bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 from scipy import signal
 
 from jaxtag import audio
+from jaxtag.fileio import atomic_write
 
 SR = audio.SAMPLE_RATE
 INSTRUMENTS: tuple[str, ...] = ("plucked", "bowed", "piano", "flute", "drums", "synth")
@@ -273,13 +275,13 @@ def _fade(x: np.ndarray, seconds: float = 0.01) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m data_prep.synth OUT.wav [--seed S] [--index I] [--seconds T]`."""
+    """`python -m jaxtag.data_prep.synth OUT.wav [--seed S] [--index I] [--seconds T]`."""
     import argparse
 
     import soundfile as sf
 
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.synth",
+        prog=f"python -m {__package__}.synth",
         description="Write one synthetic clip (as the synthetic_tags builder makes them) to a file "
         "and print its tags and where their evidence is.",
     )
@@ -289,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     args = parser.parse_args(argv)
     spec = make_specs(args.index + 1, args.seconds, args.seed)[args.index]
-    sf.write(args.out, render(spec), SR)
+    extension = os.path.splitext(args.out)[1].lstrip(".").upper()
+    if extension not in sf.available_formats():
+        parser.error(f"{args.out}: unknown audio format {extension!r} (use .wav, .flac or .ogg)")
+    with atomic_write(args.out, "wb") as f:
+        sf.write(f, render(spec), SR, format=extension)
     print(f"wrote {args.out}: {args.seconds:.1f} s")
     for name, (start, end) in zip(TAG_NAMES, spec.evidence(), strict=True):
         if start >= 0:

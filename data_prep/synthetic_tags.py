@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import base, common, synth
+from . import base, common, synth
 
 
 @dataclasses.dataclass

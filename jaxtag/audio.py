@@ -67,6 +67,26 @@ class AudioError(ValueError):
     """An audio file cannot be used: missing, undecodable, empty or not finite. Names the file."""
 
 
+def _existing_file(path: str | os.PathLike) -> str:
+    """``path`` as a str; AudioError if it is not a file or is empty."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise AudioError(f"{path}: no such audio file")
+    if os.path.getsize(path) == 0:
+        raise AudioError(f"{path}: the file is empty (0 bytes)")
+    return path
+
+
+def _decode_error(path: str, error: Exception) -> AudioError:
+    """The AudioError for a file libsndfile cannot open. For an existing file whose bytes no
+    decoder accepts (e.g. an .mp3 without one valid frame) libsndfile says "does not exist ...
+    (possibly a pipe?)": say what it is instead."""
+    detail = f"{type(error).__name__}: {error}"
+    if "possibly a pipe" in str(error) or "Format not recognised" in str(error):
+        detail = "not an audio file, or its audio data is corrupt"
+    return AudioError(f"{path}: cannot decode audio ({detail})")
+
+
 def load_audio(
     path: str | os.PathLike,
     sr: int = SAMPLE_RATE,
@@ -85,9 +105,7 @@ def load_audio(
     """
     import soundfile as sf
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AudioError(f"{path}: no such audio file")
+    path = _existing_file(path)
     if offset < 0 or (duration is not None and duration <= 0):
         raise ValueError(f"offset must be >= 0 and duration > 0, got {offset}, {duration}")
     try:
@@ -99,7 +117,7 @@ def load_audio(
             count = -1 if duration is None else int(round(duration * file_sr))
             data = f.read(count, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types (LibsndfileError, RuntimeError...).
-        raise AudioError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from e
+        raise _decode_error(path, e) from e
     if data.size == 0:
         where = f" after {offset:g} s" if offset else ""
         raise AudioError(f"{path}: the file holds no audio samples{where}")
@@ -202,9 +220,7 @@ def stream_log_mel(
     """
     import soundfile as sf
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise AudioError(f"{path}: no such audio file")
+    path = _existing_file(path)
     try:
         with sf.SoundFile(path) as f:
             if f.frames <= block_seconds * f.samplerate:
@@ -214,7 +230,7 @@ def stream_log_mel(
     except AudioError:
         raise
     except Exception as e:  # libsndfile raises several types (LibsndfileError, RuntimeError...).
-        raise AudioError(f"{path}: cannot decode audio ({type(e).__name__}: {e})") from e
+        raise _decode_error(path, e) from e
 
 
 def _stream_log_mel(f, path: str, block_frames: int) -> tuple[np.ndarray, float]:

@@ -1,4 +1,4 @@
-"""tf.data input pipeline over the TFDS spectrogram shards written by ``data_prep``.
+"""tf.data input pipeline over the TFDS spectrogram shards written by ``data_prep/``.
 
 Yields numpy batches already split over the local devices (``[num_local_devices, per_device,
 ...]``) for ``jax.pmap``. Training: an infinite, seed-deterministic stream of one random
@@ -15,7 +15,9 @@ owns them; tensorflow-cpu is enough.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +37,27 @@ def _hide_accelerators_from_tf() -> None:
 
 _hide_accelerators_from_tf()
 
+_TFDS_NOISE = (
+    "Variant folder ",  # "... has no dataset_info.json": TFDS looking for a build, on every build
+    "`FeatureConnector.dtype` is deprecated",  # TFDS's own decoder reads that field
+)
+
+
+class _DropTfdsNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(noise in str(record.msg) for noise in _TFDS_NOISE)
+
+
+def quiet_tfds() -> None:
+    """Keeps TFDS's own progress bars and its warnings about itself off the user's screen."""
+    tfds.disable_progress_bar()
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropTfdsNoise) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropTfdsNoise())
+
+
+quiet_tfds()
+
 CACHE_MAX_BYTES = 1 << 30
 """Training caches a process's share of a split in memory when its shards are at most this big."""
 
@@ -43,29 +66,82 @@ CACHE_MAX_BYTES = 1 << 30
 # Datasets
 
 
+BUILD_COMMAND = "python -m jaxtag.data_prep.build"
+"""How a dataset is built (``data_prep/build.py``); named in the error for an unbuilt dataset."""
+
+
 def get_builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    """The built dataset ``name`` (e.g. 'magnatagatune', 'synthetic_tags/small') in ``data_dir``.
+    """The built dataset ``name`` in ``data_dir``, read from its files (no builder code needed).
 
-    ``name`` may also be the path of a built dataset version directory (the one holding
-    ``dataset_info.json``), read without the builder code. Raises ``FileNotFoundError`` with the
-    build command if the dataset has not been built.
+    ``name`` is ``NAME``, ``NAME/CONFIG`` or either with ``:VERSION`` (e.g. 'magnatagatune',
+    'synthetic_tags/small', 'msd:1.0.0'): the files under ``DATA_DIR/NAME[/CONFIG]/VERSION``,
+    the newest version by default; without ``/CONFIG`` the one config built there (several: an
+    error listing them). ``name`` may also be a version directory itself (the one holding
+    ``dataset_info.json``). Raises ``FileNotFoundError`` naming the build command when the
+    dataset has not been built.
     """
-    import data_prep
-
     if os.path.isfile(os.path.join(name, "dataset_info.json")):
         return tfds.builder_from_directory(name)
-    data_prep.register()
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not builder.is_prepared():
-        base = name.split("/")[0].split(":")[0]
-        config = name.split("/")[1].split(":")[0] if "/" in name else None
-        command = f"python -m data_prep.build {base} --data_dir {data_dir}" + (
-            f" --config {config}" if config else ""
-        )
-        raise FileNotFoundError(
-            f"dataset {name} is not built in {data_dir} (no {builder.data_dir}); run: {command}"
-        )
-    return builder
+    return tfds.builder_from_directory(dataset_dir(name, data_dir))
+
+
+def _versions(directory: str) -> list[str]:
+    """Completely built versions in ``directory`` (TFDS writes ``dataset_info.json`` last)."""
+    if not os.path.isdir(directory):
+        return []
+    found = [
+        v
+        for v in os.listdir(directory)
+        if re.fullmatch(r"\d+\.\d+\.\d+", v)
+        and os.path.isfile(os.path.join(directory, v, "dataset_info.json"))
+    ]
+    return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
+
+
+def built_datasets(data_dir: str) -> list[str]:
+    """``NAME`` or ``NAME/CONFIG`` of every dataset built in ``data_dir``."""
+    if not os.path.isdir(data_dir):
+        return []
+    names = []
+    for dataset in sorted(os.listdir(data_dir)):
+        root = os.path.join(data_dir, dataset)
+        if _versions(root):
+            names.append(dataset)
+        elif os.path.isdir(root):
+            names += [
+                f"{dataset}/{c}" for c in sorted(os.listdir(root)) if _versions(f"{root}/{c}")
+            ]
+    return names
+
+
+def dataset_dir(name: str, data_dir: str | None) -> str:
+    """The version directory that :func:`get_builder` reads for ``name`` (see there)."""
+    data_dir = os.path.expanduser(data_dir or "~/tensorflow_datasets")
+    path, _, version = name.partition(":")
+    dataset, _, config = path.partition("/")
+    root = os.path.join(data_dir, dataset)
+    if config:
+        root = os.path.join(root, config)
+    elif not _versions(root):
+        configs = [c for c in built_datasets(data_dir) if c.startswith(dataset + "/")]
+        if len(configs) > 1:
+            raise FileNotFoundError(
+                f"dataset {dataset} has several configs built in {data_dir}: "
+                f"{', '.join(configs)}; name one of them"
+            )
+        if configs:
+            root = os.path.join(data_dir, configs[0])
+    versions = _versions(root)
+    if version in versions or (versions and not version):
+        return os.path.join(root, version or versions[-1])
+    command = f"{BUILD_COMMAND} {dataset} --data_dir {data_dir}" + (
+        f" --config {config}" if config else ""
+    )
+    built = ", ".join(built_datasets(data_dir)) or "none"
+    raise FileNotFoundError(
+        f"dataset {name} is not built in {data_dir} (built there: {built}); build it with: "
+        f"{command}"
+    )
 
 
 def tag_names(builder: tfds.core.DatasetBuilder) -> list[str]:
@@ -76,11 +152,21 @@ def tag_names(builder: tfds.core.DatasetBuilder) -> list[str]:
     return list(metadata["tag_names"])
 
 
+class SplitNotFoundError(KeyError, ValueError):
+    """The dataset has no such split; the message lists the splits it has."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
-    """Examples in ``split`` (all processes together); KeyError naming the splits that exist."""
+    """Examples in ``split`` (all processes together); ``SplitNotFoundError`` (a KeyError and a
+    ValueError) naming the splits that exist."""
     splits = builder.info.splits
     if split.split("[")[0] not in splits:
-        raise KeyError(f"{builder.name} has no split {split!r}; it has {sorted(splits.keys())}")
+        raise SplitNotFoundError(
+            f"{builder.name} has no split {split!r}; it has {', '.join(sorted(splits.keys()))}"
+        )
     return int(splits[split].num_examples)
 
 

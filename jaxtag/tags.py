@@ -1,7 +1,8 @@
 """Tag vocabularies of the published models, in model output order.
 
-Copied from the design references (the original code's tag lists) so that a converted or trained
-checkpoint can name its outputs without any file beside the package.
+The original code's tag lists, kept here so that a converted or trained checkpoint can name its
+outputs without any file beside the package. This module is their one home: the dataset builders
+(data_prep/magnatagatune.py, data_prep/msd.py) import them from here.
 """
 
 # MagnaTagATune top-50, in the order of the released ponswon.pth outputs (index 23 "loud",

@@ -14,6 +14,7 @@ import numpy as np
 import soundfile as sf
 
 from data_prep import magnatagatune
+from jaxtag.tags import MTAT_TOP50
 
 
 def reference_log_mel(y: np.ndarray) -> np.ndarray:
@@ -100,9 +101,9 @@ def make_fake_mtat(root: str, seconds: float = 2.0) -> FakeMtat:
     tags plus two rare extras, in a shuffled column order.
     """
     rng = np.random.default_rng(7)
-    header_tags = list(magnatagatune.MTAT_TOP50) + list(EXTRA_TAGS)
+    header_tags = list(MTAT_TOP50) + list(EXTRA_TAGS)
     header_tags = [header_tags[i] for i in rng.permutation(len(header_tags))]
-    top = list(magnatagatune.MTAT_TOP50)
+    top = list(MTAT_TOP50)
     clips: list[FakeClip] = []
     clip_id = 2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import pickle
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import tensorflow_datasets as tfds
 
 from data_prep import audio_folder, build, common, magnatagatune, msd, synth, synthetic_tags
 from jaxtag import audio, input_pipeline
+from jaxtag.tags import MSD_TOP50, MTAT_TOP50
 from tests.data_fixtures import (
     make_fake_msd,
     make_fake_mtat,
@@ -62,7 +64,7 @@ def test_mtat_split_membership_and_tag_vectors(mtat):
         assert builder.info.splits[split].num_examples == len(expected)
         for clip_id, ex in examples.items():
             clip = expected[clip_id]
-            want = np.array([t in clip.tags for t in magnatagatune.MTAT_TOP50], np.float32)
+            want = np.array([t in clip.tags for t in MTAT_TOP50], np.float32)
             np.testing.assert_array_equal(ex["tags"], want)
             assert ex["path"].decode() == clip.mp3_path
     # 5 train (folders 0, 5, b), 3 validation (c), 3 test (d, f): 11 of the 14 listed clips.
@@ -97,7 +99,7 @@ def test_mtat_skip_report(mtat):
     assert all(path in summary for path in bad)
     # The same report and the tag order come back from the built files alone.
     reread = input_pipeline.get_builder("magnatagatune", data_dir)
-    assert input_pipeline.tag_names(reread) == list(magnatagatune.MTAT_TOP50)
+    assert input_pipeline.tag_names(reread) == list(MTAT_TOP50)
     assert reread.info.metadata["num_skipped"] == 2
     assert set(reread.info.metadata["skipped"]) == set(bad)
     assert reread.info.metadata["dropped"] == {"none of the top-50 tags": 1}
@@ -121,7 +123,7 @@ def test_mtat_by_count_config_reuses_the_mel_cache(mtat, monkeypatch):
     counts = {t: sum(t in c.tags for c in fake.clips) for t in fake.header_tags}
     expected = sorted(counts, key=lambda t: (-counts[t], t))[:50]
     names = input_pipeline.tag_names(builder)
-    assert names == expected and names != list(magnatagatune.MTAT_TOP50)
+    assert names == expected and names != list(MTAT_TOP50)
     # Only the clip that had no top-50 tag before ("zz rare" is in this top 50) is new work.
     assert "zz rare" in names
     assert decoded == [c.mp3_path for c in fake.clips if c.status == "dropped"]
@@ -236,6 +238,52 @@ def test_tags_csv_parsing_and_errors(tmp_path):
         audio_folder.read_tags_csv(str(path))
 
 
+def test_tags_csv_from_a_spreadsheet_bom_and_crlf(tmp_path):
+    """Excel's "CSV UTF-8": a byte-order mark before the header and CRLF line ends."""
+    path = tmp_path / "tags.csv"
+    path.write_bytes(
+        "path,tags,split\r\nx.wav,rock;caf\u00e9,train\r\ny.wav,jazz,\r\n".encode("utf-8-sig")
+    )
+    assert path.read_bytes().startswith(b"\xef\xbb\xbfpath")
+    rows = audio_folder.read_tags_csv(str(path))
+    assert rows == [
+        audio_folder.Row("x.wav", ("rock", "caf\u00e9"), "train"),
+        audio_folder.Row("y.wav", ("jazz",), audio_folder.hash_split("y.wav")),
+    ]
+
+
+def test_short_empty_and_non_audio_clips_are_reported_by_what_they_are(tmp_path):
+    manual = tmp_path / "music"
+    write_audio(str(manual / "long.wav"), seconds=5.0)
+    write_audio(str(manual / "short.wav"), seconds=2.0)  # under one chunk: kept, padded
+    full = write_audio(str(manual / "full.mp3"), seconds=3.0, sr=44100)
+    with open(full, "rb") as f:
+        head = f.read(3000)  # a download cut short: decodes to ~0.18 s
+    (manual / "truncated.mp3").write_bytes(head)
+    (manual / "empty.wav").write_bytes(b"")
+    (manual / "notes.mp3").write_text("not audio at all\n")
+    names = ["long.wav", "short.wav", "truncated.mp3", "empty.wav", "notes.mp3"]
+    (manual / "tags.csv").write_text(
+        "path,tags,split\n" + "".join(f"{n},rock,train\n" for n in names)
+    )
+    builder = audio_folder.AudioFolder(data_dir=str(tmp_path / "tfds"), config="all", num_workers=1)
+    prepare(builder, str(manual))
+    skipped = builder.report.skipped
+    assert sorted(skipped) == ["empty.wav", "notes.mp3", "truncated.mp3"]
+    assert "the file is empty (0 bytes)" in skipped["empty.wav"]
+    assert "not an audio file, or its audio data is corrupt" in skipped["notes.mp3"]
+    assert re.search(
+        r"only 0\.1\d s of audio \(clips under 1 s are skipped\)", skipped["truncated.mp3"]
+    )
+    assert not any("possibly a pipe" in reason for reason in skipped.values())
+    assert sorted(read_split(builder, "train")) == ["long.wav", "short.wav"]
+    assert builder.report.shorter_than_chunk == 1
+    summary = builder.report.summary()
+    assert "shorter than one 4.1 s chunk (kept, padded when read): 1" in summary
+    assert "truncated.mp3: " + skipped["truncated.mp3"] in summary
+    assert builder.info.metadata["shorter_than_chunk"] == 1
+
+
 # ----------------------------------------------------------------------------------------------
 # MSD
 
@@ -256,7 +304,7 @@ def test_msd_standard_split_from_py2_pickles(tmp_path, monkeypatch):
             np.testing.assert_array_equal(ex["tags"], fake.vectors[msd_id].astype(np.float32))
             assert ex["path"].decode() == fake.paths[msd_id]
     assert set(builder.report.skipped) == set(fake.missing_ids)
-    assert input_pipeline.tag_names(builder) == list(msd.MSD_TOP50)
+    assert input_pipeline.tag_names(builder) == list(MSD_TOP50)
     assert input_pipeline.tag_names(builder)[17] == "Mellow"
 
 

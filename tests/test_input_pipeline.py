@@ -209,7 +209,34 @@ def test_builder_lookup(ds, tmp_path):
     from_files = ip.get_builder(str(ds.data_dir), None)
     assert ip.tag_names(from_files) == ip.tag_names(again)
     assert ip.num_examples(from_files, "train") == 24
-    with pytest.raises(FileNotFoundError, match="python -m data_prep.build magnatagatune"):
+    with pytest.raises(FileNotFoundError, match="python -m jaxtag.data_prep.build magnatagatune"):
         ip.get_builder("magnatagatune", str(tmp_path))
-    with pytest.raises(KeyError, match="no split 'valid'"):
+    with pytest.raises(KeyError, match="no split 'valid'; it has test, train, validation"):
         ip.num_examples(again, "valid")
+
+
+def test_dataset_dir_picks_the_config_and_newest_version(tmp_path):
+    def built(*parts: str) -> None:
+        tmp_path.joinpath(*parts).mkdir(parents=True, exist_ok=True)
+        (tmp_path.joinpath(*parts) / "dataset_info.json").write_text("{}")
+
+    built("msd", "1.0.0")
+    built("msd", "1.2.0")
+    built("msd", "1.10.0")
+    (tmp_path / "msd" / "incomplete.AB12_2.0.0").mkdir()  # a killed build: not a version
+    built("audio_folder", "top50", "1.0.0")
+    (tmp_path / "audio_folder" / "all" / "1.0.0").mkdir(parents=True)  # no dataset_info.json
+    d = str(tmp_path)
+    assert ip.dataset_dir("msd", d) == f"{d}/msd/1.10.0"
+    assert ip.dataset_dir("msd:1.2.0", d) == f"{d}/msd/1.2.0"
+    assert ip.dataset_dir("audio_folder", d) == f"{d}/audio_folder/top50/1.0.0"
+    assert ip.built_datasets(d) == ["audio_folder/top50", "msd"]
+    with pytest.raises(FileNotFoundError, match="audio_folder/all is not built .*--config all"):
+        ip.dataset_dir("audio_folder/all", d)
+    built("audio_folder", "all", "1.0.0")
+    with pytest.raises(
+        FileNotFoundError, match="several configs .*audio_folder/all, audio_folder/top50"
+    ):
+        ip.dataset_dir("audio_folder", d)
+    with pytest.raises(FileNotFoundError, match="msd:3.0.0 is not built"):
+        ip.dataset_dir("msd:3.0.0", d)

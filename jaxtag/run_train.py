@@ -1,0 +1,187 @@
+r"""Train the self-attention music tagger.
+
+    jaxtag-train --config mtat --workdir runs/mtat \
+        --config.data_dir ~/tensorflow_datasets --config.global_batch_size 32
+
+(also `python -m jaxtag.run_train`, or `python run_train.py` from a clone.) --config takes a
+bundled config (demo, mtat, mtat:readme, msd, ...) or a config file (configs/mtat.py:readme).
+Any config field can be overridden with --config.FIELD=VALUE
+(nested fields too: --config.model.dtype=bfloat16).
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jaxtag
+
+jaxtag.require_train_extra("jaxtag-train")
+
+from absl import app, flags, logging  # noqa: E402  (after the check: absent in a core install)
+from ml_collections import config_flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
+flags.DEFINE_bool(
+    "distributed",
+    None,
+    "Call jax.distributed.initialize() (multi-host). Default: when JAX_COORDINATOR_ADDRESS is set.",
+)
+config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "A bundled config (demo, mtat, mtat:readme, msd) or a config file (configs/mtat.py:readme).",
+    lock_config=True,
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def configs_dir() -> Path:
+    """The bundled configs: ``jaxtag.configs`` when installed, else a clone's ``configs/``."""
+    spec = importlib.util.find_spec("jaxtag.configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(jaxtag.__file__).resolve().parent.parent / "configs"
+
+
+def bundled_configs() -> list[str]:
+    return sorted(
+        p.stem for p in configs_dir().glob("*.py") if p.stem not in ("__init__", "common")
+    )
+
+
+def _load_module(path: Path) -> ModuleType:
+    """Executes a config file as a module. A file in a package folder (like configs/) is loaded
+    as part of that package, so that it can import its siblings relatively (``from .common``)."""
+    package = None
+    if (path.parent / "__init__.py").is_file():
+        package = "_jaxtag_configs_" + hashlib.sha1(str(path.parent).encode()).hexdigest()[:10]
+        if package not in sys.modules:
+            spec = importlib.util.spec_from_file_location(
+                package, path.parent / "__init__.py", submodule_search_locations=[str(path.parent)]
+            )
+            sys.modules[package] = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(sys.modules[package])
+    name = f"{package}.{path.stem}" if package else f"_jaxtag_config_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(spec: str) -> Any:
+    """``--config``'s value: ``NAME[:ARG]`` (a bundled config) or ``FILE.py[:ARG]``; returns
+    ``get_config(ARG)`` (``get_config()`` without ``:ARG``)."""
+    name, colon, arg = spec.partition(":")
+    if name.endswith(".py") or "/" in name or os.sep in name:
+        path = Path(os.path.expanduser(name))
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {name} does not exist")
+    elif name in bundled_configs():
+        path = configs_dir() / f"{name}.py"
+    else:
+        raise ValueError(
+            f"unknown config {name!r}: bundled configs are {', '.join(bundled_configs())}; "
+            "or give a config file (path/to/config.py)"
+        )
+    module = _load_module(path.resolve())
+    return module.get_config(*([arg] if colon else []))
+
+
+class ConfigParser(flags.ArgumentParser):
+    """The ``--config`` flag's parser: :func:`load_config`, then the config is locked."""
+
+    def parse(self, argument: str) -> Any:
+        config = load_config(argument)
+        config.lock()
+        return config
+
+    def flag_type(self) -> str:
+        return "config object"
+
+
+FLAGS["config"].parser = ConfigParser()
+
+
+def unknown_override(config: Any, argv: list[str]) -> str | None:
+    """The first ``--config.PATH`` in ``argv`` naming no field of ``config``, as a message."""
+    for arg in argv:
+        match = re.match(r"--?config\.([\w.]+)", arg)
+        if not match:
+            continue
+        node, walked = config, []
+        for part in match.group(1).split("."):
+            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in fields:
+                close = difflib.get_close_matches(part, fields, n=1)
+                hint = f" (did you mean {'.'.join([*walked, close[0]])}?)" if close else ""
+                field = ".".join([*walked, part])
+                return f"--config.{match.group(1)}: the config has no field {field}{hint}"
+            node, walked = node[part], [*walked, part]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, every mistake reported in one line (exit 2). ml_collections raises a
+    KeyError or AttributeError from deep inside for a ``--config.FIELD`` that does not exist."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        message = str(err)
+    except (KeyError, AttributeError):
+        spec = next(
+            (a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv)
+             if re.fullmatch(r"--?config(=.*)?", a) and ("=" in a or i + 1 < len(argv))),
+            None,
+        )  # fmt: skip
+        message = unknown_override(load_config(spec), argv) if spec else None
+        if message is None:
+            raise
+    print(f"run_train: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:  # orbax logs every save step at INFO
+        logging.set_verbosity(logging.WARNING)
+    import jax
+
+    from jaxtag import runtime
+
+    distributed = FLAGS.distributed
+    if distributed is None:
+        distributed = "JAX_COORDINATOR_ADDRESS" in os.environ
+    if distributed:
+        jax.distributed.initialize()
+    runtime.enable_compilation_cache()
+
+    from jaxtag import train
+
+    try:
+        train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"run_train: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    """The ``jaxtag-train`` console script (absl's --help prints this module's docstring)."""
+    sys.modules["__main__"].__doc__ = __doc__
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
