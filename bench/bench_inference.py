@@ -103,7 +103,8 @@ def bench_engines(loaded: LoadedModel, args: argparse.Namespace, engines: list[s
             list(inference.score_files(scorer, [str(warm)], progress=False))  # compile
         audio_minutes = args.tracks * args.minutes
         for round_index in range(args.rounds):
-            for engine, scorer in scorers.items():
+            order = list(scorers.items())  # alternate who goes first: load drifts in a round
+            for engine, scorer in order[:: -1 if round_index % 2 else 1]:
                 out = CsvFile(Path(tmp) / f"{engine}{round_index}.csv", scorer.tags)
                 start = time.perf_counter()
                 assert inference.run_to_files(scorer, paths, [out], "bench", False) == 0
