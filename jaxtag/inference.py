@@ -14,7 +14,8 @@ serves `jaxtag embed` (jaxtag/embed.py) with another model output.
 
 `--engine` picks what runs the model: `jax` (the jitted Flax model, any device) or `onnx` (the
 graph of jaxtag/export.py built in memory from the checkpoint and run by onnxruntime on the
-CPU: no compilation, so it starts in about a second). `auto` is `jax`; see `AUTO_ENGINE`.
+CPU: no compilation). `auto` is onnx on a CPU-only JAX backend when onnxruntime is installed,
+else jax (`choose_engine`).
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ PROTOCOL_MAX_SECONDS = 31.0  # MTAT clips are 29.1 s, MSD previews 30 s
 WINDOW_SECONDS = float(audio.frames_to_seconds(audio.CHUNK_FRAMES))
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `yes | head -1` gives for `yes`
 ENGINES = ("auto", "jax", "onnx")
-# What `--engine auto` runs on a CPU-only JAX backend when onnxruntime is installed; on an
-# accelerator it is always jax. Measured with bench/bench_inference.py --engines: see README.
-AUTO_ENGINE = "jax"
+# What `--engine auto` runs on a CPU-only JAX backend when onnxruntime is installed (on an
+# accelerator it is always jax): onnx was faster end to end and at start-up on the 2-core CPU
+# of the README's engine table (bench/bench_inference.py --engines jax,onnx).
+AUTO_ENGINE = "onnx"
 # The WindowScorer outputs the exported ONNX graph has (jaxtag/export.py OUTPUTS), by name.
 ONNX_OUTPUTS = {"probabilities": "probabilities", "pooled": "embedding"}
 
@@ -131,8 +133,8 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
         choices=ENGINES,
         default="auto",
         help="what runs the model: jax (jitted, any device), onnx (onnxruntime on the CPU, no "
-        f"compilation; needs pip install 'jaxtag[export]'), auto (default: {AUTO_ENGINE} on a "
-        "CPU, jax on an accelerator)",
+        f"compilation; needs pip install 'jaxtag[export]'), auto (default: {AUTO_ENGINE} when "
+        "JAX has only the CPU and onnxruntime is installed, else jax)",
     )
 
 
