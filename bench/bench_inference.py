@@ -3,12 +3,16 @@ tag-wise maps against a slow loop.
 
     python bench/bench_inference.py                       # everything
     python bench/bench_inference.py --library-only --tracks 6 --minutes 4
+    python bench/bench_inference.py --library-only --engines jax,onnx --rounds 3
 
 Prints, on the released architecture with random weights (speed does not depend on them):
 - seconds per minute of audio for `jaxtag tag DIR --csv OUT` on a folder of generated
   full-length tracks (44.1 kHz stereo mp3), after a warm-up on one short file (compilation), with
   its two halves measured alone: the audio front end (decode + resample + log-mel, one thread) and
-  the model (the same number of windows, batched);
+  the model (the same number of windows, batched); with `--engines jax,onnx` each engine of
+  `jaxtag tag --engine` in turn, round by round in one process (so load from other processes
+  hits them alike), and each engine's start-up: a fresh `jaxtag tag` process on one short file
+  with an empty compilation cache (load + jit compile, or ONNX graph + session, + one file);
 - seconds to tag one 30 s clip after warm-up (decode + log-mel + 16 chunks + model), jaxtag's
   `Tagger` against the same audio front end followed by the PyTorch reference;
 - seconds per minute of audio for a 5-minute file (adjacent windows);
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +70,65 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def first_call_seconds(checkpoint: Path, clip: Path, engine: str, tmp: Path) -> float:
+    """Wall time of a fresh `jaxtag tag CLIP --engine ENGINE` process, empty compilation cache."""
+    cache = Path(tempfile.mkdtemp(dir=tmp))
+    env = dict(os.environ, JAXTAG_CACHE_DIR=str(cache), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "jaxtag", "tag", str(clip), "--checkpoint", str(checkpoint)]
+    start = time.perf_counter()
+    subprocess.run([*cmd, "--engine", engine], check=True, env=env, capture_output=True)
+    return time.perf_counter() - start
+
+
+def bench_engines(loaded: LoadedModel, args: argparse.Namespace, engines: list[str]) -> None:
+    """`jaxtag tag DIR --csv OUT` with each engine, interleaved; and each engine's first call."""
+    from jaxtag.checkpoint import save_model
+    from jaxtag.result_files import CsvFile
+
+    scorers = {e: inference.WindowScorer(loaded, args.batch_size, engine=e) for e in engines}
+    per_minute: dict[str, list[float]] = {e: [] for e in engines}
+    first_call: dict[str, list[float]] = {e: [] for e in engines}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "library"
+        folder.mkdir()
+        for i in range(args.tracks):
+            write_audio(folder / f"track{i:02d}.mp3", args.minutes * 60, channels=2, seed=i)
+        warm = Path(tmp) / "warm.wav"
+        write_audio(warm, 5.0)
+        checkpoint = save_model(Path(tmp) / "ckpt", loaded.variables, loaded.config, loaded.tags)
+        paths = inference.expand_inputs([str(folder)])
+        for scorer in scorers.values():
+            list(inference.score_files(scorer, [str(warm)], progress=False))  # compile
+        audio_minutes = args.tracks * args.minutes
+        for round_index in range(args.rounds):
+            order = list(scorers.items())  # alternate who goes first: load drifts in a round
+            for engine, scorer in order[:: -1 if round_index % 2 else 1]:
+                out = CsvFile(Path(tmp) / f"{engine}{round_index}.csv", scorer.tags)
+                start = time.perf_counter()
+                assert inference.run_to_files(scorer, paths, [out], "bench", False) == 0
+                per_minute[engine].append((time.perf_counter() - start) / audio_minutes)
+                first_call[engine].append(first_call_seconds(checkpoint, warm, engine, Path(tmp)))
+                print(
+                    f"round {round_index + 1} {engine:<5} {per_minute[engine][-1]:.3f} s per "
+                    f"minute of audio, first call {first_call[engine][-1]:.1f} s",
+                    flush=True,
+                )
+    print(
+        f"`jaxtag tag DIR --csv` on {args.tracks} x {args.minutes:g} min mp3 tracks (44.1 kHz "
+        f"stereo), released-size model, batch {args.batch_size}, median of {args.rounds} rounds:"
+    )
+    for engine in engines:
+        print(
+            f"  --engine {engine:<5} {statistics.median(per_minute[engine]):.3f} s per minute of "
+            f"audio; first call (one 5 s file, empty cache) "
+            f"{statistics.median(first_call[engine]):.1f} s"
+        )
+    print(
+        f"  CPU: {cpu_name()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
+        f"jax {jax.__version__}\n"
+    )
 
 
 def bench_library(loaded: LoadedModel, tracks: int, minutes: float, batch_size: int) -> None:
@@ -119,12 +183,21 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=4.0, help="minutes a track (default 4)")
     parser.add_argument("--batch-size", type=int, default=16, help="windows per model call")
     parser.add_argument("--library-only", action="store_true", help="only the folder benchmark")
+    parser.add_argument(
+        "--engines",
+        help="comma-separated `--engine`s (jax,onnx) to compare on the folder, instead of the "
+        "folder benchmark's breakdown",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds with --engines (default 3)")
     args = parser.parse_args()
 
     config = ModelConfig()
-    variables = init_variables(config, jax.random.PRNGKey(0))
+    variables = jax.tree_util.tree_map(np.asarray, init_variables(config, jax.random.PRNGKey(0)))
     loaded = LoadedModel(config, [f"tag{i}" for i in range(50)], variables, {}, Path("."))
-    bench_library(loaded, args.tracks, args.minutes, args.batch_size)
+    if args.engines:
+        bench_engines(loaded, args, args.engines.split(","))
+    else:
+        bench_library(loaded, args.tracks, args.minutes, args.batch_size)
     if args.library_only:
         return
     tagger = inference.Tagger(loaded, batch_size=16)

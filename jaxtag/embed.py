@@ -4,7 +4,8 @@ One vector per file: by default the pooled output the classifier reads (`MTSA.fe
 averaged over the same windows as the file's tag prediction (the 16-chunk protocol for clips up
 to 31 s, adjacent windows for longer tracks; see jaxtag/inference.py, whose pipeline this
 reuses). `--layer` takes another of `MTSA.representations` (`front_end`, `layer_<i>`, `pooled`);
-`--per-window` also keeps every adjacent window's vector with its start time.
+`--per-window` also keeps every adjacent window's vector with its start time. `--engine onnx`
+(jaxtag/inference.py) has only the pooled output; `--engine auto` runs other layers with jax.
 
 The `.npz` holds `paths` (N,), `durations` (N,), `embeddings` (N, D) float32 and `layer`; with
 `--per-window` also `window_embeddings` (W, D), `window_starts` (W,) seconds and
@@ -46,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jaxtag.checkpoint import CheckpointError, load_model
+    from jaxtag.export import ExportError
 
     try:
         paths = inference.expand_inputs(args.inputs, args.files_from)
@@ -57,12 +59,12 @@ def run(args: argparse.Namespace) -> int:
         names = representation_names(loaded.config.num_layers)
         if args.layer not in names:
             raise inference.InputError(f"--layer {args.layer!r}: this model has {', '.join(names)}")
-        scorer = inference.WindowScorer(loaded, args.batch_size, output=args.layer)
+        scorer = inference.WindowScorer(loaded, args.batch_size, args.layer, args.engine)
         meta = {"layer": np.asarray(args.layer), "tags": np.asarray(loaded.tags)}
         window_key = "window_embeddings" if args.per_window else None
         out = NpzFile(args.out, "embeddings", meta, window_key, inference.WINDOW_SECONDS)
         return inference.run_to_files(scorer, paths, [out], "jaxtag embed", sys.stderr.isatty())
-    except (inference.InputError, CheckpointError, ResultFileError) as err:
+    except (inference.InputError, CheckpointError, ResultFileError, ExportError) as err:
         print(f"jaxtag embed: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

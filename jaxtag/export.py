@@ -275,10 +275,16 @@ def onnx_session(model_bytes: bytes, threads: int | None = None) -> Any:
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def onnx_predictor(loaded: Any, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def onnx_predictor(
+    loaded: Any, threads: int | None = None, output: str = OUTPUTS[0]
+) -> Callable[[np.ndarray], np.ndarray]:
     """A loaded checkpoint as an onnxruntime predictor: (N, n_mels, 256) log-mel -> (N, tags)
-    probabilities, any N; the CPU alternative to jaxtag's jitted model (bench/bench_engines.py)."""
+    probabilities (or, with `output="embedding"`, the (N, width) pooled vectors), any N; the CPU
+    engine of `jaxtag tag --engine onnx` (jaxtag/inference.py, bench/bench_engines.py)."""
     import dataclasses
+
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
 
     config = dataclasses.replace(loaded.config, dtype="float32")
     session = onnx_session(
@@ -286,7 +292,7 @@ def onnx_predictor(loaded: Any, threads: int | None = None) -> Callable[[np.ndar
     )
 
     def predict(windows: np.ndarray) -> np.ndarray:
-        return session.run([OUTPUTS[0]], {INPUT: np.asarray(windows, np.float32)})[0]
+        return session.run([output], {INPUT: np.asarray(windows, np.float32)})[0]
 
     return predict
 

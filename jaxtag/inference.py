@@ -11,6 +11,11 @@ is reported and skipped; the exit code is 1 then.
 
 The same pipeline (`score_files`: inputs -> windows -> batched model -> one vector per file)
 serves `jaxtag embed` (jaxtag/embed.py) with another model output.
+
+`--engine` picks what runs the model: `jax` (the jitted Flax model, any device) or `onnx` (the
+graph of jaxtag/export.py built in memory from the checkpoint and run by onnxruntime on the
+CPU: no compilation). `auto` is onnx on a CPU-only JAX backend when onnxruntime is installed,
+else jax (`choose_engine`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,13 @@ if TYPE_CHECKING:  # jax, flax and orbax load inside functions: `--help` needs n
 PROTOCOL_MAX_SECONDS = 31.0  # MTAT clips are 29.1 s, MSD previews 30 s
 WINDOW_SECONDS = float(audio.frames_to_seconds(audio.CHUNK_FRAMES))
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `yes | head -1` gives for `yes`
+ENGINES = ("auto", "jax", "onnx")
+# What `--engine auto` runs on a CPU-only JAX backend when onnxruntime is installed (on an
+# accelerator it is always jax): onnx was faster end to end and at start-up on the 2-core CPU
+# of the README's engine table (bench/bench_inference.py --engines jax,onnx).
+AUTO_ENGINE = "onnx"
+# The WindowScorer outputs the exported ONNX graph has (jaxtag/export.py OUTPUTS), by name.
+ONNX_OUTPUTS = {"probabilities": "probabilities", "pooled": "embedding"}
 
 
 class InputError(ValueError):
@@ -116,6 +128,54 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=positive_int, default=16, help="windows per model call (default 16)"
     )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="what runs the model: jax (jitted, any device), onnx (onnxruntime on the CPU, no "
+        f"compilation; needs pip install 'jaxtag[export]'), auto (default: {AUTO_ENGINE} when "
+        "JAX has only the CPU and onnxruntime is installed, else jax)",
+    )
+
+
+def onnx_runtime_missing() -> str | None:
+    """Why the onnx engine cannot run here (a one-line message), or None when it can."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as err:
+        return f"--engine onnx needs onnx and onnxruntime ({err}): pip install 'jaxtag[export]'"
+    return None
+
+
+def choose_engine(engine: str, output: str = "probabilities") -> str:
+    """The engine ("jax" or "onnx") that runs `output` for `--engine ENGINE`.
+
+    `auto` runs `AUTO_ENGINE` on a CPU-only JAX backend when onnxruntime is installed and the ONNX
+    graph has the output, else jax.
+
+    Raises:
+      InputError: `onnx` asked for explicitly where it cannot run (not installed, or an output
+        the ONNX graph does not have).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "onnx":
+        if output not in ONNX_OUTPUTS:
+            raise InputError(
+                f"--engine onnx: the ONNX graph outputs only the tag probabilities and the pooled "
+                f"embedding, not {output!r}; use --engine jax"
+            )
+        problem = onnx_runtime_missing()
+        if problem:
+            raise InputError(problem)
+        return "onnx"
+    if engine == "auto" and AUTO_ENGINE == "onnx" and output in ONNX_OUTPUTS:
+        import jax
+
+        if jax.default_backend() == "cpu" and onnx_runtime_missing() is None:
+            return "onnx"
+    return "jax"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,13 +183,22 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class WindowScorer:
-    """A loaded model with a jitted, fixed-batch-size function of its windows (one compilation).
+    """A loaded model as a function of its windows, batch by batch: with the jax engine a jitted,
+    fixed-batch-size function (one compilation), with the onnx engine an onnxruntime session of
+    the exported graph (any batch size, so the last batch is not padded).
 
     `output` is "probabilities" (the tags' sigmoid outputs) or a name of
-    `MTSA.representations` ("pooled", the classifier's input, is `MTSA.features`).
+    `MTSA.representations` ("pooled", the classifier's input, is `MTSA.features`); `engine` is
+    one of `ENGINES` (see `choose_engine`).
     """
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 16, output: str = "probabilities"):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        batch_size: int = 16,
+        output: str = "probabilities",
+        engine: str = "jax",
+    ):
         import jax
 
         from jaxtag.checkpoint import CheckpointError
@@ -147,6 +216,12 @@ class WindowScorer:
         self.tags = loaded.tags
         self.batch_size = batch_size
         self.output = output
+        self.engine = choose_engine(engine, output)
+        if self.engine == "onnx":
+            from jaxtag.export import onnx_predictor
+
+            self._predict = onnx_predictor(loaded, output=ONNX_OUTPUTS[output])
+            return
         model = MTSA(loaded.config)
         if output == "probabilities":
             fn = lambda v, x: jax.nn.sigmoid(model.apply(v, x))  # noqa: E731
@@ -154,26 +229,31 @@ class WindowScorer:
             fn = lambda v, x: model.apply(v, x, method=MTSA.features)  # noqa: E731
         else:
             fn = lambda v, x: model.apply(v, x, method=MTSA.representations)[output]  # noqa: E731
-        self.variables = jax.device_put(loaded.variables)
-        self._predict = jax.jit(fn)
+        variables, jitted = jax.device_put(loaded.variables), jax.jit(fn)
+        self._predict = lambda windows: jitted(variables, windows)
 
     @classmethod
     def from_checkpoint(
-        cls, path: str | Path, batch_size: int = 16, output: str = "probabilities"
+        cls,
+        path: str | Path,
+        batch_size: int = 16,
+        output: str = "probabilities",
+        engine: str = "jax",
     ) -> WindowScorer:
         from jaxtag.checkpoint import load_model
 
-        return cls(load_model(path), batch_size, output)
+        return cls(load_model(path), batch_size, output, engine)
 
     def predict_windows(self, windows: np.ndarray) -> np.ndarray:
-        """(N, n_mels, frames) -> (N, D) outputs, in fixed-size padded batches."""
+        """(N, n_mels, frames) -> (N, D) outputs, in batches of `batch_size` (jax: the last one
+        padded to that size, so that one compilation serves all)."""
         out = []
         for i in range(0, len(windows), self.batch_size):
             chunk = windows[i : i + self.batch_size]
-            pad = self.batch_size - len(chunk)
+            pad = self.batch_size - len(chunk) if self.engine == "jax" else 0
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            out.append(np.asarray(self._predict(self.variables, chunk))[: self.batch_size - pad])
+            out.append(np.asarray(self._predict(chunk))[: len(chunk) - pad])
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -457,12 +537,13 @@ def _print_results(scorer: WindowScorer, paths: list[str], args: argparse.Namesp
 
 def run(args: argparse.Namespace) -> int:
     from jaxtag.checkpoint import CheckpointError
+    from jaxtag.export import ExportError
 
     try:
         paths = expand_inputs(args.inputs, args.files_from)
         if not paths:
             raise InputError("no input files (give files, directories or --files-from LIST)")
-        scorer = WindowScorer.from_checkpoint(args.checkpoint, args.batch_size)
+        scorer = WindowScorer.from_checkpoint(args.checkpoint, args.batch_size, engine=args.engine)
         outputs: list[ResultFile] = []
         if args.csv:
             outputs.append(CsvFile(args.csv, scorer.tags))
@@ -474,7 +555,7 @@ def run(args: argparse.Namespace) -> int:
         if outputs:
             return run_to_files(scorer, paths, outputs, "jaxtag tag", sys.stderr.isatty())
         return _print_results(scorer, paths, args)
-    except (InputError, CheckpointError, ResultFileError) as err:
+    except (InputError, CheckpointError, ResultFileError, ExportError) as err:
         print(f"jaxtag tag: {err}", file=sys.stderr)
         return 2
     except BrokenPipeError:

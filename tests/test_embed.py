@@ -103,3 +103,33 @@ def test_bad_file_in_the_list_and_bad_layer(checkpoint, library, tmp_path, capsy
 
 def test_representation_names_follow_the_model():
     assert embed.representation_names(2) == ["front_end", "layer_0", "layer_1", "pooled"]
+
+
+def test_onnx_engine_embeds_like_jax(checkpoint, library, tmp_path, capsys):
+    argv = ["embed", *library, "--checkpoint", str(checkpoint), "--per-window"]
+    outs = {}
+    for engine in ["jax", "onnx"]:
+        outs[engine] = tmp_path / f"{engine}.npz"
+        assert cli.main([*argv, "--out", str(outs[engine]), "--engine", engine]) == 0
+    got, want = load_npz(outs["onnx"]), load_npz(outs["jax"])
+    assert list(got["paths"]) == library and got["embeddings"].shape == (3, SMALL.width)
+    for name in ["embeddings", "window_embeddings", "window_starts", "durations"]:
+        np.testing.assert_allclose(got[name], want[name], atol=1e-5)
+
+    # Other layers are not in the ONNX graph: refused with --engine onnx, jax under auto.
+    layer_argv = [*argv, "--layer", "layer_0", "--out", str(tmp_path / "layer.npz")]
+    assert cli.main([*layer_argv, "--engine", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "--engine onnx" in err and "'layer_0'" in err and "--engine jax" in err
+    assert not (tmp_path / "layer.npz").exists()
+
+
+def test_auto_engine_runs_other_layers_with_jax(checkpoint, library, tmp_path, monkeypatch):
+    from jaxtag import inference
+
+    monkeypatch.setattr(inference, "AUTO_ENGINE", "onnx")
+    out = tmp_path / "layer.npz"
+    argv = ["embed", library[0], "--checkpoint", str(checkpoint), "--layer", "layer_0"]
+    assert cli.main([*argv, "--out", str(out), "--engine", "auto"]) == 0
+    expected = direct(checkpoint, protocol_windows(library[0]), "layer_0").mean(axis=0)
+    np.testing.assert_allclose(load_npz(out)["embeddings"][0], expected, atol=2e-5)

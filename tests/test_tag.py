@@ -296,3 +296,76 @@ def test_progress_bar_shows_files_and_audio_minutes_per_second(checkpoint, libra
     assert len(list(inference.score_files(scorer, library[:3], progress=True))) == 3
     bar = capsys.readouterr().err
     assert "3/3" in bar and "audio min/s" in bar and ("file/s" in bar or "s/file" in bar)
+
+
+def test_onnx_engine_tags_like_jax(checkpoint, library, tmp_path, monkeypatch):
+    from jaxtag import export
+
+    built = []
+    predictor = export.onnx_predictor
+    monkeypatch.setattr(
+        export, "onnx_predictor", lambda *a, **k: built.append(k) or predictor(*a, **k)
+    )
+    jax_csv, onnx_csv = tmp_path / "jax.csv", tmp_path / "onnx.csv"
+    # Batch 7: the onnx engine's last batch of a file list is not padded, jax's is.
+    common = [*library, "--checkpoint", checkpoint, "--batch-size", "7"]
+    assert tag(*common, "--engine", "jax", "--csv", jax_csv) == 0
+    assert built == []
+    assert tag(*common, "--engine", "onnx", "--csv", onnx_csv) == 0
+    assert built == [{"output": "probabilities"}]
+    rows, want = read_csv(onnx_csv), read_csv(jax_csv)
+    assert rows[0] == want[0] and [r[:2] for r in rows] == [r[:2] for r in want]
+    got, expected = np.float64([r[2:] for r in rows[1:]]), np.float64([r[2:] for r in want[1:]])
+    assert got.shape == (len(library), len(TAGS))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+MISSING_ONNXRUNTIME = """
+import runpy, sys
+sys.modules["onnxruntime"] = None  # `import onnxruntime` raises ImportError
+import jaxtag.inference
+jaxtag.inference.AUTO_ENGINE = "onnx"  # so that auto would take onnx if it could
+sys.argv = ["jaxtag", *sys.argv[1:]]
+runpy.run_module("jaxtag", run_name="__main__")
+"""
+
+
+def test_without_onnxruntime_onnx_is_refused_and_auto_falls_back(checkpoint, library, tmp_path):
+    def run(engine: str, out: Path) -> subprocess.CompletedProcess:
+        argv = [library[0], "--checkpoint", str(checkpoint), "--csv", str(out)]
+        return subprocess.run(
+            [sys.executable, "-c", MISSING_ONNXRUNTIME, "tag", *argv, "--engine", engine],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=dict(os.environ, PYTHONPATH=str(REPO), JAXTAG_CACHE_DIR="off"),
+            timeout=300,
+        )
+
+    refused = run("onnx", tmp_path / "onnx.csv")
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1, refused.stderr
+    assert lines[0].startswith("jaxtag tag: --engine onnx needs onnx and onnxruntime")
+    assert "pip install 'jaxtag[export]'" in lines[0]
+    assert not (tmp_path / "onnx.csv").exists()
+
+    fallback = run("auto", tmp_path / "auto.csv")
+    assert fallback.returncode == 0, fallback.stderr
+    assert [r[0] for r in read_csv(tmp_path / "auto.csv")[1:]] == [library[0]]
+
+
+def test_choose_engine(monkeypatch):
+    assert inference.choose_engine("jax") == "jax"
+    assert inference.choose_engine("onnx") == "onnx"  # the test extra installs onnxruntime
+    assert inference.choose_engine("auto") == inference.AUTO_ENGINE
+    monkeypatch.setattr(inference, "AUTO_ENGINE", "onnx")
+    assert inference.choose_engine("auto") == "onnx"  # the tests run JAX on the CPU
+    assert inference.choose_engine("auto", "pooled") == "onnx"
+    assert inference.choose_engine("auto", "layer_0") == "jax"  # not in the ONNX graph
+    with pytest.raises(inference.InputError, match="only the tag probabilities and the pooled"):
+        inference.choose_engine("onnx", "front_end")
+    monkeypatch.setattr(inference, "onnx_runtime_missing", lambda: "missing")
+    assert inference.choose_engine("auto") == "jax"
+    with pytest.raises(inference.InputError, match="missing"):
+        inference.choose_engine("onnx")
