@@ -17,10 +17,13 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # The network (jaxtag.model.ModelConfig); defaults are the released ponswon.pth architecture.
     config.model = ml_collections.ConfigDict(ModelConfig().to_dict())
-    # Start from these weights instead of a random init (e.g. a converted ponswon.pth).
+    # Start from these weights instead of a random init (e.g. a converted ponswon.pth); the
+    # classifier is rebuilt when the dataset's tags differ (see configs/finetune.py).
     config.init_checkpoint = ""
+    # Train the classifier alone on a frozen backbone (eval-mode BatchNorm): a linear probe.
+    config.freeze_backbone = False
 
-    # Optimisation: the original recipe (FACTS.md) by default.
+    # Optimisation: the original recipe (jaxtag/optim.py) by default.
     config.optimizer = "original"  # or "adamw_cosine"
     config.global_batch_size = 16
     config.num_epochs = 120  # 60 Adam epochs + 3 x 20 SGD epochs

@@ -84,3 +84,22 @@ def create_optimizer(
         )
         return optax.adamw(schedule, weight_decay=config.weight_decay), schedule
     raise ValueError(f"unknown optimizer {config.optimizer!r}: use 'original' or 'adamw_cosine'")
+
+
+TRAINABLE_WITH_FROZEN_BACKBONE = ("classifier",)  # top-level parameter modules of MTSA's head
+
+
+def freeze_backbone(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` on the classifier only; every other parameter gets a zero update (and no state), so
+    weight decay cannot move a frozen backbone either."""
+
+    def labels(params: optax.Params) -> optax.Params:
+        return {
+            name: jax.tree_util.tree_map(
+                lambda _, n=name: "train" if n in TRAINABLE_WITH_FROZEN_BACKBONE else "frozen",
+                subtree,
+            )
+            for name, subtree in params.items()
+        }
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
