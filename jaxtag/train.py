@@ -403,10 +403,12 @@ def train_loop(
     """Steps from `state.step` to `run.end_step`; the host waits for the devices only at log,
     validation and checkpoint points."""
     start_step = int(state.step)
-    state = flax.jax_utils.replicate(state)
+    # Inputs laid out on a mesh named like pmap's outputs: the second step reuses the first
+    # step's compiled program instead of compiling again for a differently named layout.
+    state = flax.jax_utils.replicate(state, axis_name=AXIS)
     p_train_step = make_p_train_step(schedule, config.freeze_backbone)
     batches = source.train_batches(config.global_batch_size, config.seed, start_step)
-    batches = flax.jax_utils.prefetch_to_device(batches, PREFETCH)
+    batches = flax.jax_utils.prefetch_to_device(batches, PREFETCH, axis_name=AXIS)
     metrics = MetricLog(workdir, start_step)
     clock = {"first_step": 0.0, "validation": 0.0, "checkpoint": 0.0}
     bar = tqdm(total=run.total_steps, initial=start_step, desc="train", unit="step",
