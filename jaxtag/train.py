@@ -84,6 +84,12 @@ def resolve_run(config: Any, source: DataSource, stop_after_step: int | None = N
             f"the dataset has {len(source.tags)} tags but config.model.num_tags is {num_tags}"
         )
     requested["num_tags"] = len(source.tags)
+    missing = sorted(set(ModelConfig().architecture()) - set(requested))
+    if missing and not config.init_checkpoint:
+        raise ValueError(
+            f"config.model has no {', '.join(missing)}: set config.init_checkpoint (this config "
+            "takes the architecture from the checkpoint it fine-tunes)"
+        )
     initial = None
     if config.init_checkpoint:
         model, initial = initial_variables(config.init_checkpoint, requested, source.tags, config)
