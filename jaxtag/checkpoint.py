@@ -250,6 +250,12 @@ def load_model(path: str | Path, prefer: str = BEST) -> LoadedModel:
     return LoadedModel(config=config, tags=tags, variables=variables, meta=meta, path=directory)
 
 
+def _sync_keys(name: str) -> ocp.options.MultiprocessingOptions:
+    # Multi-host saves meet at barriers named by step: the two stores save the same step, so
+    # each needs barrier names of its own.
+    return ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
+
+
 class CheckpointStore:
     """A training workdir's checkpoints: `latest/` (the newest steps, to resume from) and `best/`
     (the `keep_best` steps with the highest validation ROC-AUC).
@@ -264,7 +270,9 @@ class CheckpointStore:
         self._latest = ocp.CheckpointManager(
             self.root / LATEST,
             item_names=items,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep_latest, create=True),
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep_latest, create=True, multiprocessing_options=_sync_keys(LATEST)
+            ),
         )
         self._best = ocp.CheckpointManager(
             self.root / BEST,
@@ -274,6 +282,7 @@ class CheckpointStore:
                 best_fn=lambda metrics: metrics[BEST_METRIC],
                 best_mode="max",
                 create=True,
+                multiprocessing_options=_sync_keys(BEST),
             ),
         )
 

@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("workdir")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--pause", type=float, default=0.0)
+    parser.add_argument("--stop-after", type=int, default=None)
     parser.add_argument("--process", type=int, default=0)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
@@ -101,7 +102,8 @@ def main() -> None:
     source = tiny_source()
     if args.pause:
         source = Paused(source, args.pause)
-    summary = train.train_and_evaluate(tiny_config(args.epochs), args.workdir, source=source)
+    config = tiny_config(args.epochs)
+    summary = train.train_and_evaluate(config, args.workdir, args.stop_after, source=source)
     state = train.checkpoint.load_model(args.workdir, prefer="latest")
     flat = jax.tree_util.tree_leaves(state.variables)
     print(
