@@ -7,19 +7,19 @@ defined ROC-AUC; it is reported and left out of the macro averages instead of cr
 
 from __future__ import annotations
 
+import collections
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import flax.jax_utils
 import jax
-import jax.numpy as jnp
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm import tqdm
 
+from jaxtag.fileio import atomic_write
 from jaxtag.model import MTSA
 
 PredictFn = Callable[[Any, jax.Array], jax.Array]
@@ -46,16 +46,31 @@ def predict_dataset(
     total: int | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Runs `predict_fn` over evaluation batches; returns (probs, labels) of the unmasked clips."""
-    all_probs, all_labels = [], []
-    for batch in tqdm(batches, total=total, desc="evaluate", unit="batch", disable=not progress):
-        probs = np.asarray(predict_fn(replicated_variables, jnp.asarray(batch["mel"])))
-        mask = np.asarray(batch["mask"]).reshape(-1).astype(bool)
-        all_probs.append(probs.reshape(-1, probs.shape[-1])[mask])
-        all_labels.append(np.asarray(batch["tags"]).reshape(-1, probs.shape[-1])[mask])
-    if not all_probs:
+    """Runs `predict_fn` over evaluation batches; returns (probs, labels) of the unmasked clips.
+
+    The spectrograms go to the devices two batches ahead of use and the predictions come back
+    once, at the end, so the devices never wait for the host between batches.
+    """
+    host_parts: collections.deque = collections.deque()
+
+    def spectrograms() -> Iterator[dict[str, np.ndarray]]:
+        for batch in batches:
+            host_parts.append((np.asarray(batch["mask"]), np.asarray(batch["tags"])))
+            yield {"mel": batch["mel"]}
+
+    predictions, masks, labels = [], [], []
+    on_device = flax.jax_utils.prefetch_to_device(spectrograms(), 2)
+    for batch in tqdm(on_device, total=total, desc="evaluate", unit="batch", disable=not progress):
+        predictions.append(predict_fn(replicated_variables, batch["mel"]))
+        mask, tags = host_parts.popleft()
+        masks.append(mask.reshape(-1).astype(bool))
+        labels.append(tags.reshape(len(masks[-1]), -1))
+    if not predictions:
         raise ValueError("the evaluation split yielded no clips")
-    return gather_processes(np.concatenate(all_probs)), gather_processes(np.concatenate(all_labels))
+    probs = [p.reshape(-1, p.shape[-1]) for p in jax.device_get(predictions)]
+    probs = np.concatenate([p[m] for p, m in zip(probs, masks, strict=True)])
+    labels = np.concatenate([t[m] for t, m in zip(labels, masks, strict=True)])
+    return gather_processes(probs), gather_processes(labels)
 
 
 def gather_processes(x: np.ndarray) -> np.ndarray:
@@ -167,14 +182,10 @@ def evaluate_split(
     return compute_metrics(probs, labels, tag_names)
 
 
-def write_report(metrics: Mapping[str, Any], path: str) -> None:
-    """Writes the metrics as JSON atomically (temp file + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+def write_report(metrics: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Writes the metrics as JSON, whole or not at all."""
+    with atomic_write(path) as f:
         json.dump(metrics, f, indent=2)
-        tmp = f.name
-    os.replace(tmp, path)
 
 
 def evaluate_checkpoint(

@@ -2,15 +2,15 @@
 
 The original switches *optimizer* at an epoch boundary, which optax has no ready-made piece for,
 so `switch_at` keeps both states and picks one per step (the unused one is left untouched).
+`config` is a training config (configs/common.py) or any object with its fields.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 
@@ -44,7 +44,7 @@ def switch_at(
     return optax.GradientTransformation(init, update)
 
 
-def original_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
+def original_schedule(config: Any, steps_per_epoch: int) -> optax.Schedule:
     """Learning rate per step of the original recipe (for logging and for the SGD phase)."""
     switch = config.switch_epoch * steps_per_epoch
     rates = list(config.sgd_learning_rates)
@@ -56,7 +56,7 @@ def original_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -
 
 
 def create_optimizer(
-    config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int
+    config: Any, steps_per_epoch: int, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Returns (optimizer, learning-rate schedule) for `config.optimizer`.
 
@@ -84,3 +84,22 @@ def create_optimizer(
         )
         return optax.adamw(schedule, weight_decay=config.weight_decay), schedule
     raise ValueError(f"unknown optimizer {config.optimizer!r}: use 'original' or 'adamw_cosine'")
+
+
+TRAINABLE_WITH_FROZEN_BACKBONE = ("classifier",)  # top-level parameter modules of MTSA's head
+
+
+def freeze_backbone(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` on the classifier only; every other parameter gets a zero update (and no state), so
+    weight decay cannot move a frozen backbone either."""
+
+    def labels(params: optax.Params) -> optax.Params:
+        return {
+            name: jax.tree_util.tree_map(
+                lambda _, n=name: "train" if n in TRAINABLE_WITH_FROZEN_BACKBONE else "frozen",
+                subtree,
+            )
+            for name, subtree in params.items()
+        }
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

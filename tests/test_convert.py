@@ -307,3 +307,16 @@ def test_cli_tags_and_overwrite(released_state, tmp_path, capsys):
     assert code == 2 and "already exists" in err and "--overwrite" in err
     code, _, _ = _run_cli(*args, "--overwrite", capsys=capsys)
     assert code == 0 and load_model(out).tags == names
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+    # --overwrite replaces a checkpoint, never a user's directory or file.
+    user_dir, user_file = tmp_path / "thesis", tmp_path / "notes.txt"
+    user_dir.mkdir()
+    (user_dir / "chapter1.tex").write_text("precious")
+    user_file.write_text("also precious")
+    for target in (user_dir, user_file):
+        code, stdout, err = _run_cli(args[0], target, *args[2:], "--overwrite", capsys=capsys)
+        assert code == 2 and stdout == "" and "left untouched" in err and str(target) in err
+    assert (user_dir / "chapter1.tex").read_text() == "precious"
+    assert sorted(p.name for p in user_dir.iterdir()) == ["chapter1.tex"]
+    assert user_file.read_text() == "also precious"
