@@ -40,7 +40,7 @@ test: setup-test lint
 test-py312:
 	$(PYTHON312) -m venv $(VENV312)
 	$(VENV312)/bin/python -m pip install -q --upgrade pip
-	$(VENV312)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[train]' pytest
+	$(VENV312)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[train,export]' pytest
 	$(VENV312)/bin/python -m pytest -q --durations=15 -m "not torch" -o 'filterwarnings=$(OWN_DEPRECATIONS)'
 
 lint: setup-test

@@ -16,8 +16,9 @@ and new tags). Variants:
 
 import ml_collections
 
-from configs.common import get_base_config
 from jaxtag.model import RUNTIME_FIELDS, ModelConfig
+
+from .common import get_base_config
 
 
 def get_config(variant: str = "full") -> ml_collections.ConfigDict:

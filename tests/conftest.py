@@ -16,7 +16,9 @@ import copy
 import dataclasses
 import functools
 import math
+import os
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +34,10 @@ try:
     from tests import torch_reference as ref
 except ModuleNotFoundError:  # the torch-free job (.ci/run): see pytest_collection_modifyitems
     torch = nn = ref = None
+
+# Tests never write the user's compilation cache (jaxtag/runtime.py); one cache for the session
+# lets the subprocess tests that compile the same small models load them instead.
+os.environ.setdefault("JAXTAG_CACHE_DIR", tempfile.mkdtemp(prefix="jaxtag-test-jax-cache-"))
 
 DATA_DIR = Path(__file__).parent / "data"
 CONFIGS = {"released": ref.RELEASED, "conv16": ref.CONV16} if ref else {}
