@@ -2,7 +2,7 @@
 
 Everything the released weights expect of their input lives here, as module-level constants, so
 that the dataset builders (`data_prep/`), the input pipeline, inference and the tests all share one
-definition. The recipe (see the project's FACTS notes) is:
+definition. The recipe (the README's "log-mel recipe" gives it in plain numbers) is:
 
 1. decode with soundfile (wav, flac, ogg, mp3), average the channels to mono, resample to
    ``SAMPLE_RATE`` with soxr (librosa's default resampler, the same as ``librosa.load``);
