@@ -466,6 +466,8 @@ def train_loop(
         "first_step_seconds": round(clock["first_step"], 3),
         "validation_seconds": round(clock["validation"], 3),
         "checkpoint_seconds": round(clock["checkpoint"], 3),
-        "examples_per_second": (steps - 1) * config.global_batch_size / max(train_seconds, 1e-9),
+        "examples_per_second": max(steps - 1, 0)
+        * config.global_batch_size
+        / max(train_seconds, 1e-9),
         "last_eval": validator.last,
     }
