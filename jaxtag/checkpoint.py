@@ -227,6 +227,15 @@ def resolve(path: str | Path, prefer: str = BEST) -> Path:
     )
 
 
+def first_line(err: BaseException) -> str:
+    """The gist of an error's message: tensorstore/orbax errors append pages of specs."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    text = text.split(" [", 1)[0]  # tensorstore appends "[source locations=...]" and its spec
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return f"{type(err).__name__}: {text}"
+
+
 def load_model(path: str | Path, prefer: str = BEST) -> LoadedModel:
     """Loads config, tag names and variables from any checkpoint `resolve` understands."""
     directory = resolve(path, prefer)
@@ -237,7 +246,9 @@ def load_model(path: str | Path, prefer: str = BEST) -> LoadedModel:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
             restored = checkpointer.restore(directory, args)
     except Exception as err:  # orbax raises many types; name the directory in one clear error
-        raise CheckpointError(f"{directory}: cannot read checkpoint: {err}") from err
+        raise CheckpointError(
+            f"{directory}: cannot read checkpoint: {first_line(err)} (damaged or incomplete?)"
+        ) from err
     meta = dict(restored[META])
     try:
         config = ModelConfig.from_dict(meta["model"])

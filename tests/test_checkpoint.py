@@ -55,6 +55,18 @@ def test_flipped_bytes_in_array_data_are_refused(variables, tmp_path):
         checkpoint.load_model(out)
 
 
+def test_truncated_array_file_is_one_line_error(variables, tmp_path):
+    out = checkpoint.save_model(tmp_path / "ckpt", variables, TINY, TAGS)
+    data = [p for p in (out / "variables").rglob("*") if p.is_file() and "/d/" in str(p)]
+    assert data
+    for path in data:  # an interrupted copy: every array file cut short
+        path.write_bytes(path.read_bytes()[:16])
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.load_model(out)
+    message = str(err.value)
+    assert str(out) in message and "\n" not in message and len(message) < 600
+
+
 def test_digest_sees_values_dtypes_shapes_and_names():
     base = {"w": np.arange(4, dtype=np.float32)}
     digest = checkpoint.array_digest(base)
