@@ -36,6 +36,14 @@ flags.DEFINE_bool(
     None,
     "Call jax.distributed.initialize() (multi-host). Default: when JAX_COORDINATOR_ADDRESS is set.",
 )
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0, for a start without a launcher that jax.distributed detects "
+    "(with --num_processes and --process_id; implies --distributed).",
+)
+flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
 config_flags.DEFINE_config_file(
     "config",
     None,
@@ -151,25 +159,48 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def initialize_distributed(
+    distributed: bool | None,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Calls `jax.distributed.initialize` when asked (or when JAX_COORDINATOR_ADDRESS is set).
+
+    Under SLURM, Open MPI or on Cloud TPU, JAX finds the coordinator and the process index
+    itself; elsewhere (two hosts started by hand) the three values name them.
+    """
+    explicit = {
+        "coordinator_address": coordinator_address,
+        "num_processes": num_processes,
+        "process_id": process_id,
+    }
+    given = {k: v for k, v in explicit.items() if v is not None}
+    if given and len(given) != len(explicit):
+        missing = sorted(set(explicit) - set(given))
+        raise ValueError(f"--{' and --'.join(missing)} must be given with --{next(iter(given))}")
+    if distributed is None:
+        distributed = bool(given) or "JAX_COORDINATOR_ADDRESS" in os.environ
+    if not distributed:
+        return False
+    import jax
+
+    jax.distributed.initialize(**given)
+    return True
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # orbax logs every save step at INFO
         logging.set_verbosity(logging.WARNING)
-    import jax
-
-    from jaxtag import runtime
-
-    distributed = FLAGS.distributed
-    if distributed is None:
-        distributed = "JAX_COORDINATOR_ADDRESS" in os.environ
-    if distributed:
-        jax.distributed.initialize()
-    runtime.enable_compilation_cache()
-
-    from jaxtag import train
+    from jaxtag import runtime, train
 
     try:
+        initialize_distributed(
+            FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+        )
+        runtime.enable_compilation_cache()
         train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
     except (ValueError, FileNotFoundError) as err:
         print(f"run_train: {err}", file=sys.stderr)

@@ -118,3 +118,25 @@ def test_run_train_user_mistakes_in_one_line(tmp_path):
     assert_one_line_error(result, "--config.model.width=wide")
     result = run(["run_train.py", "--config", "dmeo", "--workdir", str(tmp_path)], tmp_path)
     assert_one_line_error(result, "unknown config 'dmeo'", "demo")
+
+
+def test_distributed_start_without_a_launcher(monkeypatch):
+    import jax
+
+    from jaxtag.run_train import initialize_distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert initialize_distributed(None) is False and calls == []
+    assert initialize_distributed(True) is True and calls == [{}]  # a launcher JAX detects
+    assert initialize_distributed(None, "10.0.0.1:1234", 2, 1) is True
+    assert calls[-1] == {
+        "coordinator_address": "10.0.0.1:1234",
+        "num_processes": 2,
+        "process_id": 1,
+    }
+    with pytest.raises(ValueError, match="--num_processes and --process_id must be given"):
+        initialize_distributed(None, "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    assert initialize_distributed(None) is True and calls[-1] == {}
