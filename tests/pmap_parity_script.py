@@ -1,10 +1,12 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=2 (see test_train.py).
 
 Trains 3 steps of a small model on one global batch split over 2 devices and over 1 device and
-prints the largest parameter / BatchNorm-statistic difference as JSON.
+prints the largest parameter / BatchNorm-statistic difference as JSON. The first argument picks
+`ModelConfig.front_end` (default "auto"), so the GPU/TPU path ("reference") is held to it too.
 """
 
 import json
+import sys
 
 import flax.jax_utils
 import jax
@@ -26,6 +28,7 @@ config = ModelConfig(
     attention_dropout=0.0,
     hidden_dropout=0.0,
     classifier_dropout=0.0,
+    front_end=sys.argv[1] if len(sys.argv) > 1 else "auto",
 )
 rng = np.random.RandomState(0)
 mel = rng.uniform(-80, 40, (8, 96, 64)).astype(np.float32)

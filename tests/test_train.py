@@ -114,10 +114,11 @@ def test_model_checkpoint_round_trip_and_errors(tmp_path):
         checkpoint.load_model(tmp_path / "missing")
 
 
-def test_pmap_over_two_devices_matches_one_device():
+@pytest.mark.parametrize("front_end", ["banded", "reference"])
+def test_pmap_over_two_devices_matches_one_device(front_end):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     result = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "pmap_parity_script.py")],
+        [sys.executable, str(REPO / "tests" / "pmap_parity_script.py"), front_end],
         env=env,
         cwd=REPO,
         capture_output=True,

@@ -12,6 +12,7 @@ import torch
 from jaxtag import train
 from jaxtag.checkpoint import load_model
 from jaxtag.convert import convert_state_dict, unwrap
+from tests import torch_reference as ref
 from tests.conftest import log_mel_like
 from tests.test_explain import FRAMES, small_case  # noqa: F401 (fixture)
 
@@ -28,7 +29,7 @@ def test_one_adam_step_matches_reference(small_case):  # noqa: F811
     mel = log_mel_like(8, seed=11, frames=FRAMES)
     tags = (np.random.RandomState(5).uniform(size=(8, 50)) > 0.7).astype(np.float32)
 
-    torch_model = torch.nn.DataParallel(_copy_without_dropout(reference))
+    torch_model = ref.wrap(_copy_without_dropout(reference))  # stays on the CPU
     torch_model.train()
     optimizer = torch.optim.Adam(torch_model.parameters(), lr=LR)
     probs, _ = torch_model(torch.from_numpy(mel))
