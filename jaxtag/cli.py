@@ -31,6 +31,17 @@ COMMANDS = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type shared by the commands: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _chosen_command(argv: list[str]) -> str | None:
     """The subcommand named in argv: the first word that is not an option of `jaxtag` itself."""
     for word in argv:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jaxtag.cli import positive_int
 from jaxtag.tags import MTAT_TOP50
 from jaxtag.torch_file import TorchFileError, as_state_dict, load
 
@@ -262,19 +263,12 @@ def convert_file(
     return path, config
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="a PyTorch state dict file, e.g. ponswon.pth")
     parser.add_argument("out_dir", help="the checkpoint directory to write")
     parser.add_argument(
         "--heads",
-        type=_positive_int,
+        type=positive_int,
         default=8,
         help="attention heads (not visible in the weights)",
     )

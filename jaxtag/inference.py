@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from jaxtag import audio
+from jaxtag.cli import positive_int
 from jaxtag.result_files import CsvFile, JsonlFile, NpzFile, Record, ResultFile, ResultFileError
 
 if TYPE_CHECKING:  # jax, flax and orbax load inside functions: `--help` needs none of them
@@ -54,17 +55,6 @@ ONNX_OUTPUTS = {"probabilities": "probabilities", "pooled": "embedding"}
 
 class InputError(ValueError):
     """A command-line input that names no usable files (a missing --files-from list...)."""
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------
