@@ -10,7 +10,7 @@ VENV312 ?= .venv312
 # jaxtag's own deprecated calls fail the 3.12 job (other packages' deprecations stay warnings).
 OWN_DEPRECATIONS := error::DeprecationWarning:(jaxtag|data_prep|configs)(\.|$$)
 
-.PHONY: setup setup-test demo test test-py312 lint format bench clean-demo
+.PHONY: setup setup-test setup-py312 demo test test-py312 lint format bench clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,10 +37,15 @@ test: setup-test lint
 	$(PY) -m pytest -q
 
 # The torch-free tests on Python 3.12 with the newest releases pip resolves (CI's second job).
-test-py312:
+$(VENV312)/.installed: pyproject.toml
 	$(PYTHON312) -m venv $(VENV312)
 	$(VENV312)/bin/python -m pip install -q --upgrade pip
 	$(VENV312)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[train,export]' pytest
+	touch $@
+
+setup-py312: $(VENV312)/.installed
+
+test-py312: setup-py312
 	$(VENV312)/bin/python -m pytest -q --durations=15 -m "not torch" -o 'filterwarnings=$(OWN_DEPRECATIONS)'
 
 lint: setup-test
