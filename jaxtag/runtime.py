@@ -12,10 +12,15 @@ from pathlib import Path
 CACHE_ENV = "JAXTAG_CACHE_DIR"  # a directory, or "off" to disable the cache
 
 
-def default_cache_dir() -> Path:
-    """`$JAXTAG_CACHE_DIR`, else `$XDG_CACHE_HOME/jaxtag/jax` (`~/.cache/jaxtag/jax`)."""
+def user_cache_dir() -> Path:
+    """jaxtag's folder in the user cache directory: `$XDG_CACHE_HOME/jaxtag` (`~/.cache/jaxtag`)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "jaxtag" / "jax"
+    return Path(base) / "jaxtag"
+
+
+def default_cache_dir() -> Path:
+    """Where compiled programs are cached unless `$JAXTAG_CACHE_DIR` says otherwise."""
+    return user_cache_dir() / "jax"
 
 
 def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
