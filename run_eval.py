@@ -1,9 +1,9 @@
 """Evaluate a checkpoint: `python run_eval.py --checkpoint DIR --dataset NAME --data_dir DIR`.
 
-The same as `jaxtag-eval` / `python -m jaxtag.run_eval` (see jaxtag/run_eval.py, or --help).
+The same as `jaxtag-eval` / `python -m jaxtag.cli.evaluate` (see jaxtag.cli.evaluate.py, or --help).
 """
 
-from jaxtag.run_eval import run
+from jaxtag.cli.evaluate import run
 
 if __name__ == "__main__":
     run()

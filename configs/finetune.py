@@ -6,7 +6,7 @@ r"""Fine-tuning a checkpoint (converted ponswon.pth or a trained run) on your ow
     python run_train.py --config configs/finetune.py:probe ...   # a linear probe
 
 The architecture is read from `init_checkpoint` (config.model holds only the runtime fields:
-dropouts, dtype, precision, front end). Every backbone weight is loaded; the classifier is rebuilt
+dropouts, dtype, precision). Every backbone weight is loaded; the classifier is rebuilt
 for the dataset's tags, keeping the rows of tags the checkpoint also predicts (the log lists kept
 and new tags). Variants:
   full (default): every weight trains, AdamW at 1e-4 with a short warm-up;

@@ -14,7 +14,8 @@ import shutil
 import sys
 import time
 
-import jaxtag  # (also sets TensorFlow's logging variables before TF is imported)
+import jaxtag  # noqa: F401  (sets TensorFlow's logging variables before TF is imported)
+from jaxtag.cli.common import require_train_extra
 
 from . import BUILDERS, register
 
@@ -85,7 +86,7 @@ def _remove_interrupted_builds(version_dir: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Runs the build; returns the exit status (0 ok, 1 bad input file, 2 missing input)."""
     args = parse_args(argv)
-    jaxtag.require_train_extra("jaxtag-build")
+    require_train_extra("jaxtag-build")
     import tensorflow_datasets as tfds
 
     from jaxtag import input_pipeline

@@ -1,6 +1,18 @@
-"""jaxtag: the self-attention music tagger of Won, Chun & Serra (2019) in JAX/Flax."""
+"""jaxtag: the self-attention music tagger of Won, Chun & Serra (2019) in JAX/Flax.
+
+    import jaxtag
+
+    tagger = jaxtag.load("ponswon")      # or a checkpoint, a training workdir, a .pth file
+    tagger.tag("song.mp3")               # [{"label": "guitar", "score": 0.91}, ...]
+
+`import jaxtag` loads no JAX: `load`, `Tagger` and `convert_weights` (jaxtag/api.py) are
+imported on first use. Bad input raises `JaxtagError`.
+"""
+
+from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 # TensorFlow only feeds data here (training, evaluation, dataset builds), so its C++ start-up
 # chatter is noise to users: the oneDNN notice and oneDNN's "DT_HALF only on AVX-512" error line
@@ -9,26 +21,23 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+from jaxtag.errors import JaxtagError  # noqa: E402  (after the environment settings)
+
+if TYPE_CHECKING:
+    from jaxtag.api import AudioInput, Tagger, convert_weights, load
+
 __version__ = "0.1.0"
-
-TRAIN_EXTRA = ("tensorflow", "tensorflow_datasets", "ml_collections", "absl", "sklearn", "clu")
-"""Modules of `pip install 'jaxtag[train]'` (pyproject.toml) that training, evaluation and dataset
-building import; the core install (the `jaxtag` commands) has none of TensorFlow's."""
+__all__ = ["AudioInput", "JaxtagError", "Tagger", "__version__", "convert_weights", "load"]
+_API = {"AudioInput", "Tagger", "convert_weights", "load"}
 
 
-def require_train_extra(command: str) -> None:
-    """Exits with one line naming the install command when the train extra is missing."""
-    import importlib.util
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from jaxtag import api
 
-    def installed(name: str) -> bool:
-        try:
-            return importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):  # ValueError: imported before and blocked (None)
-            return False
+        return getattr(api, name)
+    raise AttributeError(f"module 'jaxtag' has no attribute {name!r}")
 
-    missing = [m for m in TRAIN_EXTRA if not installed(m)]
-    if missing:
-        raise SystemExit(
-            f"{command}: {', '.join(missing)} not installed; training, evaluation and dataset "
-            "building need the train extra: pip install 'jaxtag[train]'"
-        )
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -36,6 +36,8 @@ import os
 
 import numpy as np
 
+from jaxtag.errors import JaxtagError
+
 SAMPLE_RATE: int = 16_000
 """Sample rate (Hz) of everything the model sees."""
 N_FFT: int = 512
@@ -63,11 +65,11 @@ AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg", ".mp3")
 """File types that soundfile (libsndfile >= 1.1) decodes and the builders pick up."""
 
 
-class AudioError(ValueError):
+class AudioError(JaxtagError):
     """An audio file cannot be used: missing, undecodable, empty or not finite. Names the file."""
 
 
-def _existing_file(path: str | os.PathLike) -> str:
+def existing_file(path: str | os.PathLike) -> str:
     """``path`` as a str; AudioError if it is not a file or is empty."""
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -77,7 +79,7 @@ def _existing_file(path: str | os.PathLike) -> str:
     return path
 
 
-def _decode_error(path: str, error: Exception) -> AudioError:
+def decode_error(path: str, error: Exception) -> AudioError:
     """The AudioError for a file libsndfile cannot open. For an existing file whose bytes no
     decoder accepts (e.g. an .mp3 without one valid frame) libsndfile says "does not exist ...
     (possibly a pipe?)": say what it is instead."""
@@ -105,7 +107,7 @@ def load_audio(
     """
     import soundfile as sf
 
-    path = _existing_file(path)
+    path = existing_file(path)
     if offset < 0 or (duration is not None and duration <= 0):
         raise ValueError(f"offset must be >= 0 and duration > 0, got {offset}, {duration}")
     try:
@@ -117,18 +119,75 @@ def load_audio(
             count = -1 if duration is None else int(round(duration * file_sr))
             data = f.read(count, dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile raises several types (LibsndfileError, RuntimeError...).
-        raise _decode_error(path, e) from e
+        raise decode_error(path, e) from e
+    return _to_model_rate(data, file_sr, sr, path, offset)
+
+
+def _to_model_rate(data: np.ndarray, rate: int, sr: int, name: str, offset: float) -> np.ndarray:
+    """Decoded ``(samples, channels)`` float32 at ``rate`` -> mono float32 at ``sr`` (soxr)."""
     if data.size == 0:
         where = f" after {offset:g} s" if offset else ""
-        raise AudioError(f"{path}: the file holds no audio samples{where}")
+        raise AudioError(f"{name}: holds no audio samples{where}")
     y = to_mono(data)
     if not np.all(np.isfinite(y)):
-        raise AudioError(f"{path}: decoded audio contains NaN or infinite samples")
-    if file_sr != sr:
+        raise AudioError(f"{name}: the audio contains NaN or infinite samples")
+    if rate != sr:
         import librosa
 
-        y = librosa.resample(y, orig_sr=file_sr, target_sr=sr, res_type="soxr_hq")
+        y = librosa.resample(y, orig_sr=rate, target_sr=sr, res_type="soxr_hq")
     return np.ascontiguousarray(y, dtype=np.float32)
+
+
+WAVEFORM = "waveform"  # how error messages name an array passed instead of a file
+
+
+def waveform_samples(samples: np.ndarray, sr: int) -> np.ndarray:
+    """A caller's waveform as soundfile would decode it: ``(samples, channels)`` float32.
+
+    Takes ``(samples,)`` (mono) or ``(samples, channels)`` arrays of floats (-1..1) or integers
+    (PCM, scaled by the type's range as soundfile scales them).
+
+    Raises:
+      AudioError: not a waveform (shape, type, sample rate).
+    """
+    if isinstance(sr, bool) or not isinstance(sr, int | np.integer) or sr <= 0:
+        raise AudioError(f"{WAVEFORM}: sr must be a positive sample rate in Hz, got {sr!r}")
+    data = np.asarray(samples)
+    if data.ndim == 1:
+        data = data[:, None]
+    if data.ndim != 2:
+        raise AudioError(
+            f"{WAVEFORM}: expected (samples,) or (samples, channels), got shape {data.shape}"
+        )
+    if data.shape[1] > data.shape[0]:
+        raise AudioError(
+            f"{WAVEFORM}: shape {data.shape} has more channels than samples; pass "
+            "(samples, channels) (transpose a (channels, samples) array)"
+        )
+    if np.issubdtype(data.dtype, np.integer):
+        return (data / np.float32(2.0 ** (8 * data.dtype.itemsize - 1))).astype(np.float32)
+    if not np.issubdtype(data.dtype, np.floating):
+        raise AudioError(f"{WAVEFORM}: expected float or integer samples, got {data.dtype}")
+    return data.astype(np.float32, copy=False)
+
+
+def load_waveform(
+    samples: np.ndarray,
+    sr: int,
+    target_sr: int = SAMPLE_RATE,
+    offset: float = 0.0,
+    duration: float | None = None,
+) -> np.ndarray:
+    """:func:`load_audio` for a waveform in memory: the same samples come out for a file and for
+    its decoded ``(samples, channels)`` array, ``offset``/``duration`` included.
+
+    Raises:
+      AudioError: as :func:`waveform_samples`, or no samples, or non-finite ones.
+    """
+    data = waveform_samples(samples, sr)
+    start = min(int(round(offset * sr)), len(data))
+    count = len(data) - start if duration is None else int(round(duration * sr))
+    return _to_model_rate(data[start : start + count], int(sr), target_sr, WAVEFORM, offset)
 
 
 def to_mono(data: np.ndarray) -> np.ndarray:
@@ -194,104 +253,6 @@ def log_mel(y: np.ndarray) -> np.ndarray:
 def load_log_mel(path: str | os.PathLike) -> np.ndarray:
     """``log_mel(load_audio(path))``: the model's input representation of an audio file."""
     return log_mel(load_audio(path))
-
-
-STREAM_BLOCK_SECONDS: float = 60.0
-"""Seconds of the file that :func:`stream_log_mel` decodes at a time."""
-
-
-def stream_log_mel(
-    path: str | os.PathLike, block_seconds: float = STREAM_BLOCK_SECONDS
-) -> tuple[np.ndarray, float]:
-    """``load_log_mel(path)`` holding at most about one block of decoded audio, and the duration.
-
-    Long files are decoded ``block_seconds`` at a time, resampled with soxr's streaming resampler
-    (the same filter as the one-shot call ``load_audio`` makes) and turned into mel *power*
-    frames, each computed once the samples under its window have arrived, with the same reflect
-    padding at both ends as the whole-file STFT. Only the power mel (96 floats a frame, 1.4 MB a
-    minute) is kept: the dB conversion clips at ``TOP_DB`` below the *whole file's* maximum, so it
-    runs once at the end. A file of at most one block goes through ``load_log_mel`` unchanged.
-
-    Returns:
-      ``(mel, seconds)``: the ``(N_MELS, T)`` log-mel and the duration of the 16 kHz signal.
-
-    Raises:
-      AudioError: as :func:`load_audio`.
-    """
-    import soundfile as sf
-
-    path = _existing_file(path)
-    try:
-        with sf.SoundFile(path) as f:
-            if f.frames <= block_seconds * f.samplerate:
-                y = load_audio(path)
-                return log_mel(y), y.size / SAMPLE_RATE
-            return _stream_log_mel(f, path, int(block_seconds * f.samplerate))
-    except AudioError:
-        raise
-    except Exception as e:  # libsndfile raises several types (LibsndfileError, RuntimeError...).
-        raise _decode_error(path, e) from e
-
-
-def _stream_log_mel(f, path: str, block_frames: int) -> tuple[np.ndarray, float]:
-    """The streaming loop of :func:`stream_log_mel` on an open, longer-than-one-block file."""
-    half = N_FFT // 2
-    # Keep this many decoded samples unframed until the end: the end's reflect padding reads the
-    # last `half + 1` samples, and the length fix below may cut a few.
-    margin = N_FFT
-    resampler = None
-    if f.samplerate != SAMPLE_RATE:
-        import soxr
-
-        resampler = soxr.ResampleStream(f.samplerate, SAMPLE_RATE, 1, "float32", quality="HQ")
-    padded = np.zeros(0, np.float32)  # the centred signal from padded sample `base` on
-    base = 0
-    decoded = 0  # input samples read
-    produced = 0  # samples at SAMPLE_RATE so far
-    frames: list[np.ndarray] = []
-    done = 0  # frames computed
-    started = False  # start padding applied
-
-    def frame_until(stop: int) -> None:  # computes frames done..stop-1 of the padded signal
-        nonlocal padded, base, done
-        if stop <= done:
-            return
-        lo = done * HOP - base
-        frames.append(mel_power(padded[lo : (stop - 1) * HOP + N_FFT - base], center=False))
-        done = stop
-        padded = padded[done * HOP - base :]
-        base = done * HOP
-
-    for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
-        y = to_mono(block)
-        if not np.all(np.isfinite(y)):
-            raise AudioError(f"{path}: decoded audio contains NaN or infinite samples")
-        decoded += y.size
-        if resampler is not None:
-            y = resampler.resample_chunk(y, last=False)
-        produced += y.size
-        padded = np.concatenate([padded, y])
-        if not started:
-            if padded.size <= half:
-                continue  # the resampler's first output can be short
-            padded = np.concatenate([padded[half:0:-1], padded])  # reflect padding at the start
-            started = True
-        available = base + padded.size - margin  # padded samples safe to frame
-        frame_until(max(done, (available - N_FFT) // HOP + 1))
-    if resampler is not None:
-        tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
-        padded = np.concatenate([padded, tail])
-        produced += tail.size
-    if decoded == 0:
-        raise AudioError(f"{path}: the file holds no audio samples")
-    # librosa.resample's length (what load_audio returns): ceil(n * ratio), cut or zero-padded.
-    n = int(np.ceil(decoded * SAMPLE_RATE / f.samplerate)) if resampler is not None else decoded
-    end = half + n - base  # index in `padded` just past the last signal sample
-    if end > padded.size:
-        padded = np.concatenate([padded, np.zeros(end - padded.size, np.float32)])
-    padded = np.concatenate([padded[:end], padded[end - 2 : end - 2 - half : -1]])
-    frame_until(1 + n // HOP)
-    return power_to_log_mel(np.concatenate(frames, axis=1)), n / SAMPLE_RATE
 
 
 def frames_to_seconds(frames: float | np.ndarray) -> float | np.ndarray:

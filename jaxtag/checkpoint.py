@@ -35,6 +35,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxtag.errors import JaxtagError
 from jaxtag.model import ModelConfig
 
 VARIABLES = "variables"
@@ -48,7 +49,7 @@ BEST_METRIC = "roc_auc"  # meta['metrics'][BEST_METRIC] ranks the best checkpoin
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(JaxtagError):
     """A path that is not a readable, intact jaxtag checkpoint."""
 
 
@@ -251,7 +252,7 @@ def load_model(path: str | Path, prefer: str = BEST) -> LoadedModel:
         ) from err
     meta = dict(restored[META])
     try:
-        config = ModelConfig.from_dict(meta["model"])
+        config = ModelConfig.from_saved(meta["model"])
         tags = list(meta["tags"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{directory}: bad checkpoint metadata: {err}") from err

@@ -1,28 +1,24 @@
-"""Convert the released PyTorch weights (ponswon.pth) or any MTSA state dict to a checkpoint.
+"""Convert the released PyTorch weights (ponswon.pth) or any MTSA state dict to jaxtag's tree.
 
 The architecture is read off the tensor shapes (conv channels, position table, width, layers,
-feed-forward size, tag count); only the head count, which no shape tells, is a flag. Every key
-of the file must be used and every parameter of the Flax model filled, or nothing is written.
-Reading the `.pth` file does not need torch (see `jaxtag.torch_file`).
-
-    jaxtag convert ponswon.pth checkpoints/ponswon
-    python -m jaxtag.convert ponswon.pth checkpoints/ponswon --tags my_tags.txt
+feed-forward size, tag count); only the head count, which no shape tells, is an argument. Every
+key of the file must be used and every parameter of the Flax model filled, or nothing comes out.
+Reading the `.pth` file does not need torch (see `jaxtag.torch_file`). `load_weights` converts in
+memory (`jaxtag.load("ponswon.pth")`), `convert_file` writes a checkpoint (`jaxtag convert`).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from jaxtag.cli import positive_int
+from jaxtag.errors import JaxtagError
 from jaxtag.tags import MTAT_TOP50
 from jaxtag.torch_file import TorchFileError, as_state_dict, load
 
@@ -30,6 +26,7 @@ DATA_PARALLEL_PREFIX = "module."
 WRAPPER_KEYS = ("model", "state_dict")  # {'model': state_dict} / {'state_dict': ...} checkpoints
 NUM_BATCHES_TRACKED = "num_batches_tracked"  # BatchNorm step counters: accepted, not needed
 if TYPE_CHECKING:
+    from jaxtag.checkpoint import LoadedModel
     from jaxtag.model import ModelConfig
 
 SINUSOIDAL_LENGTH = 257  # the sinusoidal table has no stored rows; it must cover 256 frames + CLS
@@ -39,7 +36,7 @@ MODULE_NAMES = {"embedding": "back_end.embedding", "encoder": "back_end.encoder"
 LEAF_NAMES = {"scale": "weight", "kernel": "weight", "mean": "running_mean", "var": "running_var"}
 
 
-class ConversionError(ValueError):
+class ConversionError(JaxtagError):
     """A file that cannot be converted; the message lists every problem found."""
 
 
@@ -225,14 +222,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def convert_file(
-    source: str | Path,
-    out_dir: str | Path,
-    num_heads: int = 8,
-    tags: list[str] | None = None,
-    overwrite: bool = False,
-) -> tuple[Path, ModelConfig]:
-    """Reads a `.pth` file and writes a jaxtag model checkpoint; returns its path and config."""
+def load_weights(
+    source: str | Path, num_heads: int = 8, tags: list[str] | None = None
+) -> LoadedModel:
+    """Reads a `.pth` file and converts it in memory (nothing written): a model ready to use.
+
+    Raises:
+      ConversionError: the file is not a readable state dict of an MTSA model, or `tags` do not
+        match its outputs.
+    """
+    from jaxtag.checkpoint import LoadedModel, make_meta
+
     source = Path(source)
     try:
         obj = load(source)
@@ -249,54 +249,23 @@ def convert_file(
             )
     except ConversionError as err:
         raise ConversionError(f"{source}: {err}") from err
+    meta = make_meta(
+        config, tags, source=f"converted from {source.name}", source_sha256=_sha256(source)
+    )
+    return LoadedModel(config, tags, variables, meta, source.absolute())
+
+
+def convert_file(
+    source: str | Path,
+    out_dir: str | Path,
+    num_heads: int = 8,
+    tags: list[str] | None = None,
+    overwrite: bool = False,
+) -> tuple[Path, ModelConfig]:
+    """Reads a `.pth` file and writes a jaxtag model checkpoint; returns its path and config."""
     from jaxtag.checkpoint import save_model
 
-    path = save_model(
-        out_dir,
-        variables,
-        config,
-        tags,
-        overwrite=overwrite,
-        source=f"converted from {source.name}",
-        source_sha256=_sha256(source),
-    )
-    return path, config
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="a PyTorch state dict file, e.g. ponswon.pth")
-    parser.add_argument("out_dir", help="the checkpoint directory to write")
-    parser.add_argument(
-        "--heads",
-        type=positive_int,
-        default=8,
-        help="attention heads (not visible in the weights)",
-    )
-    parser.add_argument(
-        "--tags", help="a file with one tag name per line (default: MTAT top-50 for 50 outputs)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        tags = read_tags(args.tags) if args.tags else None
-        path, config = convert_file(args.source, args.out_dir, args.heads, tags, args.overwrite)
-    except (ConversionError, FileExistsError, OSError) as err:
-        print(f"jaxtag convert: {err}", file=sys.stderr)
-        return 2
-    print(f"converted {args.source} -> {path}")
-    print(f"model: {describe(config)}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxtag.convert", description=__doc__.strip().splitlines()[0]
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    model = load_weights(source, num_heads, tags)
+    extra = {k: v for k, v in model.meta.items() if k not in ("model", "tags")}
+    path = save_model(out_dir, model.variables, model.config, model.tags, overwrite, **extra)
+    return path, model.config

@@ -5,20 +5,24 @@ frame (summed over queries, averaged over heads), the last layer's CLS-row atten
 averaged, and the tag-wise contribution maps of the paper: in a chosen layer the attention
 probabilities are replaced by a one-hot on position t, for every t, and each tag's output is
 read. All positions are computed in one vectorised, jitted call; the layers before the chosen one
-run once. `jaxtag explain` (jaxtag/explain_cli.py) draws them.
+run once. `Explanation.plot` draws them (the figure of `jaxtag explain`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtag import audio
 from jaxtag.checkpoint import LoadedModel
-from jaxtag.model import MTSA, attention_maps
+from jaxtag.errors import JaxtagError
+from jaxtag.model import MTSA, attention_maps, build_model
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -48,7 +52,7 @@ def predict_with_attention(model: MTSA, variables: Any, mel: jax.Array) -> tuple
 
 def explain_chunk(loaded: LoadedModel, chunk: np.ndarray, layer: int = -1) -> dict[str, np.ndarray]:
     """All maps for one (n_mels, frames) chunk; time-indexed arrays drop the CLS token."""
-    model = MTSA(loaded.config)
+    model = build_model(loaded.config)
     layer = layer % loaded.config.num_layers
     mel = jnp.asarray(chunk[None], jnp.float32)
     probs, attentions = predict_with_attention(model, loaded.variables, mel)
@@ -64,3 +68,137 @@ def explain_chunk(loaded: LoadedModel, chunk: np.ndarray, layer: int = -1) -> di
         "contributions": np.asarray(contributions[0, 1:]),  # (frames, tags)
         "contribution_layer": np.array(layer),
     }
+
+
+@dataclasses.dataclass
+class Explanation:
+    """The maps of one chunk (`Tagger.explain`), as arrays, and the figure that shows them.
+
+    `maps` holds `mel` (n_mels, frames), `probs` (tags,) the chunk's sigmoid outputs,
+    `first_layer_received` (frames,), `last_layer_cls_heads` (heads, frames),
+    `last_layer_cls_mean` (frames,), `contributions` (frames, tags) and `contribution_layer`
+    (see `explain_chunk`). `chosen` are the tags the figure maps.
+    """
+
+    source: str  # the file, or "waveform"
+    start: float  # seconds: the chunk's first frame
+    tags: list[str]
+    chosen: list[str]
+    maps: dict[str, np.ndarray]
+
+    @property
+    def probabilities(self) -> dict[str, float]:
+        """The chunk's probability of every tag."""
+        return {t: float(p) for t, p in zip(self.tags, self.maps["probs"], strict=True)}
+
+    @property
+    def contributions(self) -> np.ndarray:
+        """(frames, len(chosen)): each chosen tag's output when the layer attends to one frame."""
+        return self.maps["contributions"][:, [self.tags.index(t) for t in self.chosen]]
+
+    @property
+    def times(self) -> np.ndarray:
+        """(frames,) the start time in seconds of each of the chunk's frames."""
+        frames = self.maps["mel"].shape[-1]
+        return self.start + np.asarray(audio.frames_to_seconds(np.arange(frames)))
+
+    def title(self) -> str:
+        order = np.argsort(-self.maps["probs"], kind="stable")[:5]
+        top = ", ".join(f"{self.tags[i]} {self.maps['probs'][i]:.2f}" for i in order)
+        return f"{Path(self.source).name} @ {self.start:.1f} s — {top}"
+
+    def figure(self) -> Any:
+        """The matplotlib Figure: mel, first-layer attention, last-layer CLS attention per head
+        and averaged, tag-wise maps (min-max scaled per tag)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        maps, chosen = self.maps, self.chosen
+        frames = maps["mel"].shape[-1]
+        extent_t = (self.start, self.start + float(audio.frames_to_seconds(frames)))
+        heads = maps["last_layer_cls_heads"].shape[0]
+        ratios = [3, 1.2, max(heads, 2) * 0.35, 1.2, max(len(chosen), 1) * 0.5 + 0.5]
+        fig, axes = plt.subplots(
+            5, 1, figsize=(10, 11), sharex=True, gridspec_kw={"height_ratios": ratios}
+        )
+        axes[0].imshow(
+            maps["mel"],
+            origin="lower",
+            aspect="auto",
+            cmap="magma",
+            extent=(*extent_t, 0, maps["mel"].shape[0]),
+        )
+        axes[0].set_ylabel("mel bin")
+        axes[0].set_title(self.title(), fontsize=10)
+        axes[1].plot(self.times, maps["first_layer_received"], color="tab:blue")
+        axes[1].set_ylabel("layer 1\nreceived")
+        axes[2].imshow(
+            maps["last_layer_cls_heads"],
+            aspect="auto",
+            cmap="viridis",
+            extent=(*extent_t, heads, 0),
+        )
+        axes[2].set_ylabel("last layer\nCLS, per head")
+        axes[3].plot(self.times, maps["last_layer_cls_mean"], color="tab:green")
+        axes[3].set_ylabel("last layer\nCLS, mean")
+        axes[4].imshow(
+            _normalise(self.contributions.T),
+            aspect="auto",
+            cmap="inferno",
+            extent=(*extent_t, len(chosen), 0),
+            interpolation="nearest",
+        )
+        axes[4].set_yticks(np.arange(len(chosen)) + 0.5, chosen)
+        axes[4].set_ylabel(f"tag-wise (layer {int(maps['contribution_layer']) + 1})")
+        axes[4].set_xlabel("time (s)")
+        fig.tight_layout()
+        return fig
+
+    def plot(self, out: str | Path) -> Path:
+        """Writes the figure to `out`, atomically, in the format its suffix names (png, pdf...)."""
+        import matplotlib.pyplot as plt
+
+        from jaxtag.fileio import atomic_write
+
+        suffix = figure_format(out)
+        fig = self.figure()
+        try:
+            with atomic_write(out, "wb") as f:
+                fig.savefig(f, format=suffix, dpi=80)
+        finally:
+            plt.close(fig)
+        return Path(out)
+
+    def save_npz(self, out: str | Path) -> Path:
+        """Writes the raw maps, the tags and the start time to an .npz, atomically."""
+        from jaxtag.fileio import atomic_write
+
+        with atomic_write(out, "wb") as f:
+            np.savez_compressed(f, tags=np.array(self.tags), start_seconds=self.start, **self.maps)
+        return Path(out)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    """Per-row min-max scaling so each tag's map uses the full colour range."""
+    lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    return (x - lo) / np.maximum(hi - lo, 1e-12)
+
+
+def figure_format(out: str | Path) -> str:
+    """The figure format that `out`'s suffix names (png, pdf, svg, ...).
+
+    Raises:
+      JaxtagError: matplotlib cannot write that suffix.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    known = set(FigureCanvasBase.get_supported_filetypes())
+    suffix = Path(out).suffix[1:].lower()
+    if suffix not in known:
+        raise JaxtagError(
+            f"{out}: unknown figure format {suffix!r} (the suffix picks one of: "
+            f"{', '.join(sorted(known))})"
+        )
+    return suffix

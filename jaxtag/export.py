@@ -1,4 +1,4 @@
-"""Export a checkpoint to ONNX for serving without JAX: `jaxtag export CHECKPOINT OUT.onnx`.
+"""A model as an ONNX graph, for serving without JAX (`jaxtag export CHECKPOINT OUT.onnx`).
 
 The ONNX graph takes `log_mel` (batch, n_mels, 256) float32, the output of
 `jaxtag.audio.log_mel` cut into 256-frame chunks, and returns `probabilities` (batch, tags), the
@@ -15,21 +15,22 @@ JAX-to-ONNX tracer was not used: jax2onnx (0.17) pins orbax-checkpoint below jax
 a dozen packages, and failed to trace the banded front end. Before the file is written the graph
 is run with onnxruntime on random log-mel batches and compared with jaxtag (`--no-check` skips
 this), so a file on disk is one that reproduced the model.
-
-    jaxtag export converted/ tagger.onnx
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from jaxtag.errors import JaxtagError
+
+if TYPE_CHECKING:
+    from jaxtag.checkpoint import LoadedModel
 
 OPSET = 17  # LayerNormalization; onnxruntime >= 1.12
 FRAMES = 256  # audio.CHUNK_FRAMES: the positions of a model cover one chunk (+ CLS)
@@ -38,7 +39,7 @@ OUTPUTS = ("probabilities", "embedding")
 CHECK_TOLERANCE = 1e-4  # largest |onnxruntime - jaxtag| accepted by the check before writing
 
 
-class ExportError(ValueError):
+class ExportError(JaxtagError):
     """The model cannot be exported or the exported graph disagrees with jaxtag."""
 
 
@@ -249,9 +250,9 @@ def jaxtag_outputs(config: Any, variables: dict[str, Any], mel: np.ndarray) -> t
     """jaxtag's (probabilities, embedding) of a log-mel batch, in float32."""
     import jax
 
-    from jaxtag.model import MTSA
+    from jaxtag.model import MTSA, build_model
 
-    model = MTSA(config)
+    model = build_model(config)
 
     @jax.jit
     def forward(mel: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -276,7 +277,7 @@ def onnx_session(model_bytes: bytes, threads: int | None = None) -> Any:
 
 
 def onnx_predictor(
-    loaded: Any, threads: int | None = None, output: str = OUTPUTS[0]
+    loaded: LoadedModel, threads: int | None = None, output: str = OUTPUTS[0]
 ) -> Callable[[np.ndarray], np.ndarray]:
     """A loaded checkpoint as an onnxruntime predictor: (N, n_mels, 256) log-mel -> (N, tags)
     probabilities (or, with `output="embedding"`, the (N, width) pooled vectors), any N; the CPU
@@ -307,55 +308,26 @@ def max_difference(model_bytes: bytes, config: Any, variables: dict, batch: int 
     return max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
 
 
-def export(checkpoint: str | Path, out: str | Path, check: bool = True) -> Path:
-    """Writes the ONNX file of `checkpoint` to `out` (atomically); returns `out`."""
+def export(model: LoadedModel, out: str | Path, check: bool = True) -> Path:
+    """Writes the ONNX file of a loaded model to `out` (atomically); returns `out`.
+
+    With `check`, the graph is first run with onnxruntime against jaxtag on random log-mel
+    batches; a difference above CHECK_TOLERANCE raises ExportError and nothing is written.
+    """
     import dataclasses
 
-    from jaxtag.checkpoint import load_model
     from jaxtag.fileio import atomic_write
 
-    loaded = load_model(checkpoint)
-    config = dataclasses.replace(loaded.config, dtype="float32")  # ONNX graph is float32
-    model_bytes = build_graph(config, loaded.variables, loaded.tags).SerializeToString()
+    config = dataclasses.replace(model.config, dtype="float32")  # ONNX graph is float32
+    model_bytes = build_graph(config, model.variables, model.tags).SerializeToString()
     if check:
-        diff = max_difference(model_bytes, config, loaded.variables)
+        diff = max_difference(model_bytes, config, model.variables)
         if not diff <= CHECK_TOLERANCE:
             raise ExportError(
-                f"{loaded.path}: the ONNX graph differs from jaxtag by {diff:.2e} "
+                f"{model.path}: the ONNX graph differs from jaxtag by {diff:.2e} "
                 f"(> {CHECK_TOLERANCE:g}); nothing written"
             )
     out = Path(out)
     with atomic_write(out, "wb") as f:
         f.write(model_bytes)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint directory or training workdir")
-    parser.add_argument("out", help="the .onnx file to write")
-    parser.add_argument(
-        "--no-check",
-        dest="check",
-        action="store_false",
-        help="skip running the graph with onnxruntime against jaxtag before writing",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from jaxtag.checkpoint import CheckpointError
-    from jaxtag.fileio import unwritable_reason
-
-    out = Path(args.out)
-    problem = unwritable_reason(out)
-    if out.suffix.lower() != ".onnx":
-        problem = f"{out}: the output must be a .onnx file"
-    if problem:
-        print(f"jaxtag export: {problem}", file=sys.stderr)
-        return 2
-    try:
-        export(args.checkpoint, out, args.check)
-    except (CheckpointError, ExportError, OSError) as err:
-        print(f"jaxtag export: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {args.checkpoint} -> {out}")
-    return 0

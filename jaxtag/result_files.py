@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxtag.errors import JaxtagError
 from jaxtag.fileio import atomic_write
 
 
-class ResultFileError(ValueError):
+class ResultFileError(JaxtagError):
     """An existing output file that this run cannot continue (other columns, other model...)."""
 
 

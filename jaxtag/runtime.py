@@ -1,4 +1,5 @@
-"""Process-wide JAX settings shared by every entry point (`run_train.py`, `run_eval.py`, `jaxtag`).
+"""Process-wide JAX settings shared by every entry point (`run_train.py`, `run_eval.py`, `jaxtag`),
+and how one-off programs are compiled.
 
 The persistent compilation cache makes a rerun, a resume or a second `jaxtag tag` load compiled
 programs from disk instead of compiling them again.
@@ -7,7 +8,9 @@ programs from disk instead of compiling them again.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 CACHE_ENV = "JAXTAG_CACHE_DIR"  # a directory, or "off" to disable the cache
 
@@ -43,3 +46,19 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def compile_once(fn: Callable[..., Any], *args: Any) -> Any:
+    """`jax.jit(fn)(*args)` for a program that runs once (e.g. a model's init).
+
+    On the CPU it compiles at LLVM optimisation level 1: an init is ~140 small random-number
+    generators (a key fold-in per module path level, a draw per parameter), each compiled on its
+    own, and a lighter level roughly halves that compile time with the same values
+    (tests/test_model.py). Under a trace (e.g. `jax.eval_shape`) it is a plain jit call.
+    """
+    import jax
+
+    jitted = jax.jit(fn)
+    if any(isinstance(a, jax.core.Tracer) for a in args) or jax.default_backend() != "cpu":
+        return jitted(*args)
+    return jitted.lower(*args).compile({"xla_backend_optimization_level": 1})(*args)

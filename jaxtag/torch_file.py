@@ -36,6 +36,8 @@ from typing import Any, BinaryIO
 import ml_dtypes
 import numpy as np
 
+from jaxtag.errors import JaxtagError
+
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C  # first pickle of a legacy file
 PROTOCOL_VERSION = 1001  # second pickle of a legacy file
 ZIP_MAGIC = b"PK\x03\x04"
@@ -72,7 +74,7 @@ STORAGE_TYPES = {
 }
 
 
-class TorchFileError(ValueError):
+class TorchFileError(JaxtagError):
     """A file that is not a readable PyTorch checkpoint of tensors."""
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,16 +30,18 @@ from flax.training import train_state
 from tqdm import tqdm
 
 from jaxtag import checkpoint, evaluate, optim
+from jaxtag.errors import JaxtagError
 from jaxtag.fileio import atomic_write
+from jaxtag.finetune import initial_variables
 from jaxtag.metric_log import MetricLog
-from jaxtag.model import MTSA, RUNTIME_FIELDS, ModelConfig, init_variables
+from jaxtag.model import MTSA, ModelConfig, build_model, init_variables
 from jaxtag.sources import DataSource, TfdsSource
 
 AXIS = "batch"
 PREFETCH = 2  # batches on the devices ahead of use: one in use, one arriving
 
 
-class ResumeError(ValueError):
+class ResumeError(JaxtagError):
     """A workdir's checkpoint that this run cannot continue (another model, tags or optimizer);
     the message is one line and the workdir is left as it was."""
 
@@ -103,62 +104,20 @@ def resolve_run(config: Any, source: DataSource, stop_after_step: int | None = N
     return Run(model, list(source.tags), steps_per_epoch, total_steps, end_step, initial)
 
 
-def initial_variables(
-    path: str, requested: Mapping[str, Any], tags: list[str], config: Any
-) -> tuple[ModelConfig, dict[str, Any]]:
-    """The model and weights to fine-tune from checkpoint `path`, for the dataset's `tags`.
-
-    Architecture fields come from the checkpoint (the requested ones must agree); runtime fields
-    (dropouts, dtype, ...) from the config. Every backbone weight is loaded; the classifier is
-    rebuilt for `tags`: rows of tags the checkpoint also predicts are copied, the rest keep a
-    fresh initialisation.
-    """
-    loaded = checkpoint.load_model(os.path.expanduser(path))
-    theirs = loaded.config.architecture()
-    differ = [
-        f"{k}: {theirs[k]!r} in the checkpoint, {requested[k]!r} requested"
-        for k in sorted(theirs)
-        if k != "num_tags" and k in requested and requested[k] != theirs[k]
-    ]
-    if differ:
-        raise ValueError(
-            f"init_checkpoint {loaded.path} has another architecture: {'; '.join(differ)}"
-        )
-    runtime = {k: v for k, v in requested.items() if k in RUNTIME_FIELDS}
-    model = ModelConfig.from_dict({**theirs, **runtime, "num_tags": len(tags)})
-    variables = jax.tree_util.tree_map(np.asarray, loaded.variables)
-    if loaded.tags != list(tags):
-        fresh = init_variables(model, jax.random.PRNGKey(config.seed), config.crop_frames)
-        head = {k: np.array(v) for k, v in fresh["params"]["classifier"].items()}
-        source_head = variables["params"]["classifier"]
-        kept = [t for t in tags if t in loaded.tags]
-        for tag in kept:
-            i, j = tags.index(tag), loaded.tags.index(tag)
-            head["kernel"][:, i] = source_head["kernel"][:, j]
-            head["bias"][i] = source_head["bias"][j]
-        variables["params"] = {**variables["params"], "classifier": head}
-        new = [t for t in tags if t not in loaded.tags]
-        if jax.process_index() == 0:
-            print(
-                f"init_checkpoint {loaded.path}: classifier rebuilt for {len(tags)} tags; "
-                f"{len(kept)} rows kept ({', '.join(kept) or 'none'}), "
-                f"{len(new)} initialised ({', '.join(new) or 'none'})"
-            )
-    return model, variables
-
-
 def create_train_state(
     model_config: ModelConfig,
     tx: optax.GradientTransformation,
     seed: int,
     frames: int,
     variables: dict[str, Any] | None = None,
+    front_end: str = "auto",
 ) -> TrainState:
-    """A fresh state: random init, or the given `variables` (e.g. converted ponswon.pth)."""
+    """A fresh state: random init, or the given `variables` (e.g. converted ponswon.pth).
+    `front_end` picks the front end's kernels (`jaxtag.model.build_model`)."""
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
     if variables is None:
         variables = init_variables(model_config, init_rng, frames)
-    model = MTSA(model_config, axis_name=AXIS)
+    model = build_model(model_config, front_end=front_end, axis_name=AXIS)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
@@ -230,7 +189,7 @@ def checkpoint_items(state: TrainState) -> tuple[dict[str, Any], dict[str, Any]]
 
 def check_resumable(workdir: Path, meta: Mapping[str, Any], run: Run) -> None:
     """Raises ResumeError naming every architecture field or tag list that differs."""
-    theirs = ModelConfig.from_dict(meta["model"]).architecture()
+    theirs = ModelConfig.from_saved(meta["model"]).architecture()
     mine = run.model.architecture()
     differ = [
         f"{k} {theirs.get(k)!r} (checkpoint) vs {mine[k]!r} (requested)"
@@ -362,7 +321,10 @@ def train_and_evaluate(
     tx, schedule = optim.create_optimizer(config, run.steps_per_epoch, run.total_steps)
     if config.freeze_backbone:
         tx = optim.freeze_backbone(tx)
-    state = create_train_state(run.model, tx, config.seed, config.crop_frames, run.initial)
+    front_end = getattr(config, "front_end", "auto")
+    state = create_train_state(
+        run.model, tx, config.seed, config.crop_frames, run.initial, front_end
+    )
     is_main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
     store = checkpoint.CheckpointStore(workdir, config.keep_best)
@@ -373,7 +335,8 @@ def train_and_evaluate(
                 json.dump(
                     {**as_dict(config), "model": run.model.to_dict()}, f, indent=2, default=str
                 )
-        validator = Validator(source, MTSA(run.model), config.eval_batch_size, config.eval_split)
+        model = build_model(run.model, front_end=front_end)
+        validator = Validator(source, model, config.eval_batch_size, config.eval_split)
         validator.best_step = meta.get("best_step")
         if validator.best_step is not None:
             validator.best_metric = meta["best_metric"]

@@ -1,9 +1,11 @@
-"""The `jaxtag` console command: everyday jobs on checkpoints and audio.
+"""The command shells: `jaxtag` (this file), `jaxtag-train` (train.py), `jaxtag-eval`
+(evaluate.py).
 
-Each subcommand lives in the module that owns its stage and exposes
-`add_arguments(parser)` and `run(args) -> int`; this file only wires them together. Only the
-module of the command being run is imported, and command modules import JAX inside their
-functions, so `jaxtag --help` and `jaxtag CMD --help` answer without loading JAX.
+Each `jaxtag` subcommand is a module of this package exposing `add_arguments(parser)` and
+`run(args) -> int`: argument parsing and output formatting over the Python API (jaxtag/api.py);
+this file only wires them together. Only the module of the command being run is imported, and
+command modules import JAX inside their functions, so `jaxtag --help` and `jaxtag CMD --help`
+answer without loading JAX. The library never imports this package.
 """
 
 from __future__ import annotations
@@ -17,29 +19,21 @@ import jaxtag
 # name -> (module, one-line help).
 COMMANDS = {
     "convert": (
-        "jaxtag.convert",
+        "jaxtag.cli.convert",
         "convert the released PyTorch weights (ponswon.pth) to a checkpoint",
     ),
-    "info": ("jaxtag.info", "print a checkpoint's model config, tags and parameter count"),
-    "tag": ("jaxtag.inference", "tag audio files (whole-file and per-window predictions)"),
-    "embed": ("jaxtag.embed", "one vector per audio file (pooled output or a layer) to an .npz"),
+    "info": ("jaxtag.cli.info", "print a checkpoint's model config, tags and parameter count"),
+    "tag": ("jaxtag.cli.tag", "tag audio files (whole-file and per-window predictions)"),
+    "embed": (
+        "jaxtag.cli.embed",
+        "one vector per audio file (pooled output or a layer) to an .npz",
+    ),
     "explain": (
-        "jaxtag.explain_cli",
+        "jaxtag.cli.explain",
         "draw attention and tag-wise contribution heat maps for a chunk",
     ),
-    "export": ("jaxtag.export", "write a checkpoint as an ONNX file for serving without JAX"),
+    "export": ("jaxtag.cli.export", "write a checkpoint as an ONNX file for serving without JAX"),
 }
-
-
-def positive_int(text: str) -> int:
-    """argparse type shared by the commands: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _chosen_command(argv: list[str]) -> str | None:

@@ -1,28 +1,23 @@
-"""Tag audio files with a checkpoint: `jaxtag tag FILE_OR_DIR... --checkpoint DIR`.
+"""Audio in, one vector per input out: windows -> batched model -> mean, for many inputs at once.
 
-A file's prediction is the mean of its windows' sigmoid outputs: the 16-chunk evaluation
-protocol for clips up to `PROTOCOL_MAX_SECONDS` (what the models are scored with), adjacent
-256-frame windows (the last one flush with the end) for longer tracks. `--segments` (and
-`--taggram`) report the adjacent windows of every file *in addition*; the file's own prediction
-does not change. Windows of several files share one batch; decoding runs in a thread pool ahead
-of the model and long files are decoded block by block (`audio.stream_log_mel`), so memory stays
-bounded however long the files are. A file that cannot be read, or whose outputs are not finite,
-is reported and skipped; the exit code is 1 then.
+A prediction is the mean of the input's windows' outputs: the 16-chunk evaluation protocol for
+clips up to `PROTOCOL_MAX_SECONDS` (what the models are scored with), adjacent 256-frame windows
+(the last one flush with the end) for longer tracks. With `windows=True` the adjacent windows of
+every input are reported *in addition* (taggrams, `--segments`); the input's own prediction does
+not change. Windows of several inputs share one batch; decoding runs in a thread pool ahead of
+the model and long files are decoded block by block (`streaming.stream_log_mel`), so memory
+stays bounded however long the files are. An input that cannot be read, or whose outputs are
+not finite, comes back with its error; the others go on.
 
-The same pipeline (`score_files`: inputs -> windows -> batched model -> one vector per file)
-serves `jaxtag embed` (jaxtag/embed.py) with another model output.
-
-`--engine` picks what runs the model: `jax` (the jitted Flax model, any device) or `onnx` (the
-graph of jaxtag/export.py built in memory from the checkpoint and run by onnxruntime on the
-CPU: no compilation). `auto` is onnx on a CPU-only JAX backend when onnxruntime is installed,
-else jax (`choose_engine`).
+What runs the model is an *engine*: `jax` (the jitted Flax model, any device) or `onnx` (the
+graph of jaxtag/export.py built in memory from the checkpoint and run by onnxruntime on the CPU:
+no compilation). `auto` is onnx on a CPU-only JAX backend when onnxruntime is installed, else
+jax (`choose_engine`). The Python API (jaxtag/api.py) and the commands stand on this module.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -34,27 +29,26 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jaxtag import audio
-from jaxtag.cli import positive_int
-from jaxtag.result_files import CsvFile, JsonlFile, NpzFile, Record, ResultFile, ResultFileError
+from jaxtag import audio, streaming
+from jaxtag.errors import JaxtagError
+from jaxtag.result_files import Record
 
 if TYPE_CHECKING:  # jax, flax and orbax load inside functions: `--help` needs none of them
     from jaxtag.checkpoint import LoadedModel
 
 PROTOCOL_MAX_SECONDS = 31.0  # MTAT clips are 29.1 s, MSD previews 30 s
 WINDOW_SECONDS = float(audio.frames_to_seconds(audio.CHUNK_FRAMES))
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `yes | head -1` gives for `yes`
 ENGINES = ("auto", "jax", "onnx")
-# What `--engine auto` runs on a CPU-only JAX backend when onnxruntime is installed (on an
-# accelerator it is always jax): onnx was faster end to end and at start-up on the 2-core CPU
-# of the README's engine table (bench/bench_inference.py --engines jax,onnx).
+# What `auto` runs on a CPU-only JAX backend when onnxruntime is installed (on an accelerator
+# it is always jax): onnx was faster end to end and at start-up on the 2-core CPU of
+# docs/benchmarks.md (bench/bench_inference.py --engines jax,onnx).
 AUTO_ENGINE = "onnx"
 # The WindowScorer outputs the exported ONNX graph has (jaxtag/export.py OUTPUTS), by name.
 ONNX_OUTPUTS = {"probabilities": "probabilities", "pooled": "embedding"}
 
 
-class InputError(ValueError):
-    """A command-line input that names no usable files (a missing --files-from list...)."""
+class InputError(JaxtagError):
+    """Inputs that name no usable audio (a missing --files-from list, an empty folder...)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,43 +92,13 @@ def expand_inputs(items: Iterable[str], files_from: str | None = None) -> list[s
     return list(dict.fromkeys(paths))
 
 
-def add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """The inputs, checkpoint and batching options that `tag` and `embed` share."""
-    parser.add_argument(
-        "inputs",
-        nargs="*",
-        metavar="FILE_OR_DIR",
-        help=f"audio files ({', '.join(e[1:] for e in audio.AUDIO_EXTENSIONS)}) or directories "
-        "(searched recursively)",
-    )
-    parser.add_argument(
-        "--files-from",
-        metavar="LIST",
-        help="also process the paths in LIST, one a line ('-': stdin)",
-    )
-    parser.add_argument(
-        "--checkpoint", required=True, help="model checkpoint directory or training workdir"
-    )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=16, help="windows per model call (default 16)"
-    )
-    parser.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default="auto",
-        help="what runs the model: jax (jitted, any device), onnx (onnxruntime on the CPU, no "
-        f"compilation; needs pip install 'jaxtag[export]'), auto (default: {AUTO_ENGINE} when "
-        "JAX has only the CPU and onnxruntime is installed, else jax)",
-    )
-
-
 def onnx_runtime_missing() -> str | None:
     """Why the onnx engine cannot run here (a one-line message), or None when it can."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as err:
-        return f"--engine onnx needs onnx and onnxruntime ({err}): pip install 'jaxtag[export]'"
+        return f"the onnx engine needs onnx and onnxruntime ({err}): pip install 'jaxtag[export]'"
     return None
 
 
@@ -153,8 +117,8 @@ def choose_engine(engine: str, output: str = "probabilities") -> str:
     if engine == "onnx":
         if output not in ONNX_OUTPUTS:
             raise InputError(
-                f"--engine onnx: the ONNX graph outputs only the tag probabilities and the pooled "
-                f"embedding, not {output!r}; use --engine jax"
+                "the onnx engine: the ONNX graph outputs only the tag probabilities and the "
+                f"pooled embedding, not {output!r}; use the jax engine"
             )
         problem = onnx_runtime_missing()
         if problem:
@@ -192,7 +156,7 @@ class WindowScorer:
         import jax
 
         from jaxtag.checkpoint import CheckpointError
-        from jaxtag.model import MTSA
+        from jaxtag.model import MTSA, build_model
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -212,7 +176,7 @@ class WindowScorer:
 
             self._predict = onnx_predictor(loaded, output=ONNX_OUTPUTS[output])
             return
-        model = MTSA(loaded.config)
+        model = build_model(loaded.config)
         if output == "probabilities":
             fn = lambda v, x: jax.nn.sigmoid(model.apply(v, x))  # noqa: E731
         elif output == "pooled":
@@ -221,18 +185,6 @@ class WindowScorer:
             fn = lambda v, x: model.apply(v, x, method=MTSA.representations)[output]  # noqa: E731
         variables, jitted = jax.device_put(loaded.variables), jax.jit(fn)
         self._predict = lambda windows: jitted(variables, windows)
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | Path,
-        batch_size: int = 16,
-        output: str = "probabilities",
-        engine: str = "jax",
-    ) -> WindowScorer:
-        from jaxtag.checkpoint import load_model
-
-        return cls(load_model(path), batch_size, output, engine)
 
     def predict_windows(self, windows: np.ndarray) -> np.ndarray:
         """(N, n_mels, frames) -> (N, D) outputs, in batches of `batch_size` (jax: the last one
@@ -247,11 +199,20 @@ class WindowScorer:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
-Tagger = WindowScorer  # the tag-probability scorer, by the name the tests and benchmarks use
-
-
 # ----------------------------------------------------------------------------------------------
-# Files -> windows -> one vector per file
+# Inputs -> windows -> one vector per input
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Waveform:
+    """Audio already in memory: `samples` (samples,) or (samples, channels) at `sr` Hz."""
+
+    samples: np.ndarray
+    sr: int
+    name: str = audio.WAVEFORM
+
+
+Source = str | os.PathLike | Waveform
 
 
 def file_window_starts(n_frames: int) -> np.ndarray:
@@ -304,9 +265,23 @@ class _File:
     error: str | None = None
 
 
-def _decode(path: str, windows: bool) -> _File:
+def source_name(source: Source) -> str:
+    return source.name if isinstance(source, Waveform) else os.fspath(source)
+
+
+def log_mel_of(source: Source) -> tuple[np.ndarray, float]:
+    """(the whole log-mel, seconds) of a file or a waveform: the same numbers for a file and
+    for its decoded samples."""
+    if isinstance(source, Waveform):
+        y = audio.load_waveform(source.samples, source.sr)
+        return audio.log_mel(y), y.size / audio.SAMPLE_RATE
+    return streaming.stream_log_mel(source)
+
+
+def _decode(source: Source, windows: bool) -> _File:
+    path = source_name(source)
     try:
-        mel, duration = audio.stream_log_mel(path)
+        mel, duration = log_mel_of(source)
     except (audio.AudioError, OSError, ValueError) as err:
         return _File(path, error=str(err))
     mel = audio.pad_to(mel)
@@ -323,7 +298,7 @@ def _decode(path: str, windows: bool) -> _File:
     )
 
 
-def _decoded_ahead(paths: list[str], windows: bool, workers: int) -> Iterator[_File]:
+def _decoded_ahead(paths: list[Source], windows: bool, workers: int) -> Iterator[_File]:
     """Decoded files in order; a few files ahead of the consumer, not all of them (memory)."""
     ahead = 2 * workers
     with ThreadPoolExecutor(workers) as pool:
@@ -353,15 +328,15 @@ def _result(scorer: WindowScorer, item: _File) -> Scored:
 
 def score_files(
     scorer: WindowScorer,
-    paths: Iterable[str],
+    paths: Iterable[Source],
     windows: bool = False,
     progress: bool = True,
     workers: int = 2,
 ) -> Iterator[Scored]:
-    """Yields one Scored per path, in order, as soon as its last window is scored; unreadable
-    files (and files with non-finite outputs) come back with `error` set. With `windows`, every
-    file's adjacent windows are reported too. The progress bar shows files/s and minutes of
-    audio per second."""
+    """Yields one Scored per input (a path or a `Waveform`), in order, as soon as its last window
+    is scored; unreadable inputs (and inputs with non-finite outputs) come back with `error`
+    set. With `windows`, every input's adjacent windows are reported too. The progress bar
+    shows files/s and minutes of audio per second."""
     from tqdm import tqdm
 
     paths = list(paths)
@@ -406,165 +381,7 @@ def score_files(
     bar.close()
 
 
-def run_to_files(
-    scorer: WindowScorer,
-    paths: list[str],
-    outputs: list[ResultFile],
-    command: str,
-    progress: bool,
-) -> int:
-    """Scores `paths` into resumable result files, skipping files they already hold; lists
-    unreadable files with the reason. Returns the exit code (1 if a file failed)."""
-    done = [out.done() for out in outputs]
-    todo = [p for p in paths if not all(p in d for d in done)]
-    windows = any(out.needs_windows for out in outputs)
-    failed = 0
-    for result in score_files(scorer, todo, windows, progress):
-        if result.error:
-            failed += 1
-            print(f"{command}: error: {result.error}", file=sys.stderr)
-            continue
-        for out, already in zip(outputs, done, strict=True):
-            if result.path not in already:
-                out.write(result.record())
-    for out in outputs:
-        out.finish()
-    names = ", ".join(str(out.path) for out in outputs)
-    skipped = len(paths) - len(todo)
-    print(
-        f"{command}: {len(todo) - failed} files written to {names}"
-        + (f", {skipped} already there" if skipped else "")
-        + (f"; {failed} files could not be processed (listed above)" if failed else ""),
-        file=sys.stderr,
-    )
-    return 1 if failed else 0
-
-
-# ----------------------------------------------------------------------------------------------
-# `jaxtag tag`: printing and the command
-
-
 def top_tags(probs: np.ndarray, tags: list[str], k: int) -> list[tuple[str, float]]:
+    """The `k` most probable (tag, probability), best first (ties keep the model's order)."""
     order = np.argsort(-probs, kind="stable")[:k]
     return [(tags[i], float(probs[i])) for i in order]
-
-
-def to_json(result: Scored, tags: list[str], k: int) -> dict:
-    record: dict = {"file": result.path}
-    if result.error:
-        record["error"] = result.error
-        return record
-    record["duration"] = round(result.duration, 3)
-    record["tags"] = [
-        {"tag": t, "probability": round(p, 4)} for t, p in top_tags(result.output, tags, k)
-    ]
-    if result.window_outputs is not None:
-        record["segments"] = [
-            {
-                "start": round(float(s), 3),
-                "end": round(float(s) + WINDOW_SECONDS, 3),
-                "tags": [{"tag": t, "probability": round(p, 4)} for t, p in top_tags(wp, tags, k)],
-            }
-            for s, wp in zip(result.window_starts, result.window_outputs, strict=True)
-        ]
-    return record
-
-
-def format_text(result: Scored, tags: list[str], k: int) -> str:
-    if result.error:
-        return f"{result.path}: ERROR {result.error}"
-
-    def line(probs: np.ndarray) -> str:
-        return "  ".join(f"{t} {p:.2f}" for t, p in top_tags(probs, tags, k))
-
-    lines = [f"{result.path} ({result.duration:.1f} s): {line(result.output)}"]
-    if result.window_outputs is not None:
-        for s, wp in zip(result.window_starts, result.window_outputs, strict=True):
-            lines.append(f"  {s:7.1f}-{s + WINDOW_SECONDS:7.1f} s  {line(wp)}")
-    return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_input_arguments(parser)
-    parser.add_argument(
-        "--top", type=positive_int, default=5, help="tags to print per file (default 5)"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object per file")
-    parser.add_argument(
-        "--segments", action="store_true", help="also print the tags of each ~4.1 s window"
-    )
-    parser.add_argument(
-        "--csv",
-        metavar="OUT.csv",
-        help="write path, duration and every tag's probability, one "
-        "row a file (a rerun skips the files already there)",
-    )
-    parser.add_argument("--jsonl", metavar="OUT.jsonl", help="the same as --csv as JSON lines")
-    parser.add_argument(
-        "--taggram",
-        metavar="OUT.npz",
-        help="write every file's (windows x tags) matrix with the window start times",
-    )
-
-
-def _print_results(scorer: WindowScorer, paths: list[str], args: argparse.Namespace) -> int:
-    failed = 0
-    for result in score_files(scorer, paths, args.segments, progress=sys.stderr.isatty()):
-        if result.error:
-            failed += 1
-            print(f"jaxtag tag: error: {result.error}", file=sys.stderr)
-            if not args.json:
-                continue
-        if args.json:
-            record = to_json(result, scorer.tags, args.top)
-            print(json.dumps(record, allow_nan=False), flush=True)
-        else:
-            print(format_text(result, scorer.tags, args.top), flush=True)
-    if failed:
-        print(f"jaxtag tag: {failed} of {len(paths)} files could not be tagged", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def run(args: argparse.Namespace) -> int:
-    from jaxtag.checkpoint import CheckpointError
-    from jaxtag.export import ExportError
-
-    try:
-        paths = expand_inputs(args.inputs, args.files_from)
-        if not paths:
-            raise InputError("no input files (give files, directories or --files-from LIST)")
-        scorer = WindowScorer.from_checkpoint(args.checkpoint, args.batch_size, engine=args.engine)
-        outputs: list[ResultFile] = []
-        if args.csv:
-            outputs.append(CsvFile(args.csv, scorer.tags))
-        if args.jsonl:
-            outputs.append(JsonlFile(args.jsonl, scorer.tags))
-        if args.taggram:
-            meta = {"tags": np.asarray(scorer.tags)}
-            outputs.append(NpzFile(args.taggram, "probabilities", meta, "taggram", WINDOW_SECONDS))
-        if outputs:
-            return run_to_files(scorer, paths, outputs, "jaxtag tag", sys.stderr.isatty())
-        return _print_results(scorer, paths, args)
-    except (InputError, CheckpointError, ResultFileError, ExportError) as err:
-        print(f"jaxtag tag: {err}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        return quiet_broken_pipe()
-    except KeyboardInterrupt:
-        return interrupted("jaxtag tag")
-
-
-def interrupted(command: str) -> int:
-    """Ctrl-C: what was written stays; the same command resumes. Exit code 130 (128 + SIGINT)."""
-    print(f"\n{command}: interrupted; rerun the same command to continue", file=sys.stderr)
-    return 130
-
-
-def quiet_broken_pipe() -> int:
-    """The reader of stdout went away (`jaxtag tag ... | head -1`): stop quietly, as `cat` would.
-
-    stdout is pointed at /dev/null so that Python's flush at exit raises nothing more.
-    """
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    return EXIT_BROKEN_PIPE

@@ -3,7 +3,7 @@ r"""Evaluate a checkpoint on a dataset split: macro and per-tag ROC-AUC / PR-AUC
     jaxtag-eval --checkpoint runs/mtat --data_dir ~/tensorflow_datasets \
         --dataset magnatagatune --split test
 
-(also `python -m jaxtag.run_eval`, or `python run_eval.py` from a clone.) --checkpoint takes a
+(also `python -m jaxtag.cli.evaluate`, or `python run_eval.py` from a clone.) --checkpoint takes a
 training workdir (its best checkpoint by validation ROC-AUC), a step directory, or a converted
 ponswon.pth checkpoint. The table is printed and the full report is written as JSON (default:
 <checkpoint>/eval_<dataset>_<split>.json).
@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 import sys
 
-import jaxtag
+from jaxtag.cli.common import require_train_extra
 
-jaxtag.require_train_extra("jaxtag-eval")
+require_train_extra("jaxtag-eval")
 
 from absl import app, flags, logging  # noqa: E402  (after the check: absent in a core install)
 

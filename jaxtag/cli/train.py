@@ -3,7 +3,7 @@ r"""Train the self-attention music tagger.
     jaxtag-train --config mtat --workdir runs/mtat \
         --config.data_dir ~/tensorflow_datasets --config.global_batch_size 32
 
-(also `python -m jaxtag.run_train`, or `python run_train.py` from a clone.) --config takes a
+(also `python -m jaxtag.cli.train`, or `python run_train.py` from a clone.) --config takes a
 bundled config (demo, mtat, mtat:readme, msd, ...) or a config file (configs/mtat.py:readme).
 Any config field can be overridden with --config.FIELD=VALUE
 (nested fields too: --config.model.dtype=bfloat16).
@@ -22,9 +22,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import jaxtag
+from jaxtag.cli.common import require_train_extra
 
-jaxtag.require_train_extra("jaxtag-train")
+require_train_extra("jaxtag-train")
 
 from absl import app, flags, logging  # noqa: E402  (after the check: absent in a core install)
 from ml_collections import config_flags  # noqa: E402
@@ -58,7 +58,7 @@ def configs_dir() -> Path:
     spec = importlib.util.find_spec("jaxtag.configs")
     if spec is not None and spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
-    return Path(jaxtag.__file__).resolve().parent.parent / "configs"
+    return Path(__file__).resolve().parents[2] / "configs"
 
 
 def bundled_configs() -> list[str]:

@@ -1,0 +1,57 @@
+"""Draw attention and tag-wise contribution maps for one chunk of an audio file.
+
+`jaxtag explain FILE --checkpoint SRC --out fig.png` draws, for the ~4.1 s chunk of FILE that
+starts at `--start` (`Tagger.explain`): the log-mel, the first layer's attention received by
+each frame, the last layer's CLS-row attention per head and averaged, and the tag-wise
+contribution maps. The figure format follows the suffix of `--out` (png, pdf, svg, ...). Only
+the chunk and half a second around it are decoded, so a chunk of an hour-long file is quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxtag.cli import common
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="an audio file (wav, flac, ogg, mp3)")
+    parser.add_argument("--checkpoint", required=True, metavar="SRC", help=common.CHECKPOINT_HELP)
+    parser.add_argument(
+        "--out", required=True, help="figure path; the suffix picks the format (.png, .pdf, .svg)"
+    )
+    parser.add_argument(
+        "--tags", default=None, help="comma-separated tags to map (default: the top 3 predicted)"
+    )
+    parser.add_argument(
+        "--start", type=float, default=0.0, help="chunk start in seconds (>= 0, default 0)"
+    )
+    parser.add_argument(
+        "--layer", type=int, default=-1, help="encoder layer for the tag-wise maps (default: last)"
+    )
+    parser.add_argument("--save-npz", default=None, help="also write the raw maps to this .npz")
+
+
+def run(args: argparse.Namespace) -> int:
+    def body() -> int:
+        import jaxtag
+        from jaxtag.errors import JaxtagError
+        from jaxtag.explain import figure_format
+        from jaxtag.fileio import unwritable_reason
+
+        figure_format(args.out)  # before any work: a suffix matplotlib cannot write
+        for path in (args.out, args.save_npz):
+            problem = path and unwritable_reason(path)
+            if problem:
+                raise JaxtagError(problem)
+        tagger = jaxtag.load(args.checkpoint, engine="jax")
+        tags = args.tags.split(",") if args.tags else None
+        explanation = tagger.explain(args.file, start=args.start, tags=tags, layer=args.layer)
+        explanation.plot(args.out)
+        print(f"figure written to {args.out}")
+        if args.save_npz:
+            explanation.save_npz(args.save_npz)
+            print(f"maps written to {args.save_npz}")
+        return 0
+
+    return common.guarded("jaxtag explain", body)
