@@ -22,11 +22,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from jaxtag.errors import JaxtagError  # noqa: E402  (after the environment settings)
+from jaxtag.version import __version__  # noqa: E402
 
 if TYPE_CHECKING:
     from jaxtag.api import AudioInput, Tagger, convert_weights, load
 
-__version__ = "0.1.0"
 __all__ = ["AudioInput", "JaxtagError", "Tagger", "__version__", "convert_weights", "load"]
 _API = {"AudioInput", "Tagger", "convert_weights", "load"}
 

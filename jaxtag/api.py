@@ -105,6 +105,8 @@ class Tagger:
             raise JaxtagError(f"engine must be one of {', '.join(scoring.ENGINES)}, got {engine!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise JaxtagError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if engine == "onnx":
+            scoring.choose_engine(engine)  # refused here, before any work, where it cannot run
         self.model = model
         self.batch_size = batch_size
         self.requested_engine = engine

@@ -159,6 +159,8 @@ def waveform_samples(samples: np.ndarray, sr: int) -> np.ndarray:
         raise AudioError(
             f"{WAVEFORM}: expected (samples,) or (samples, channels), got shape {data.shape}"
         )
+    if data.size == 0:
+        raise AudioError(f"{WAVEFORM}: holds no audio samples")
     if data.shape[1] > data.shape[0]:
         raise AudioError(
             f"{WAVEFORM}: shape {data.shape} has more channels than samples; pass "

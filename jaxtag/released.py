@@ -37,10 +37,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from jaxtag import __version__
 from jaxtag.errors import JaxtagError
 from jaxtag.runtime import user_cache_dir
 from jaxtag.tags import MTAT_TOP50
+from jaxtag.version import __version__
 
 try:
     import fcntl

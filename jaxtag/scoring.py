@@ -102,11 +102,11 @@ def onnx_runtime_missing() -> str | None:
     return None
 
 
-def choose_engine(engine: str, output: str = "probabilities") -> str:
-    """The engine ("jax" or "onnx") that runs `output` for `--engine ENGINE`.
+def choose_engine(engine: str, output: str = "probabilities", backend: str | None = None) -> str:
+    """The engine ("jax" or "onnx") that runs `output` when `engine` is asked for.
 
-    `auto` runs `AUTO_ENGINE` on a CPU-only JAX backend when onnxruntime is installed and the ONNX
-    graph has the output, else jax.
+    `auto` runs `AUTO_ENGINE` when JAX's backend (`backend`, default: JAX's default backend)
+    is the CPU, onnxruntime is installed and the ONNX graph has the output; else jax.
 
     Raises:
       InputError: `onnx` asked for explicitly where it cannot run (not installed, or an output
@@ -125,9 +125,11 @@ def choose_engine(engine: str, output: str = "probabilities") -> str:
             raise InputError(problem)
         return "onnx"
     if engine == "auto" and AUTO_ENGINE == "onnx" and output in ONNX_OUTPUTS:
-        import jax
+        if backend is None:
+            import jax
 
-        if jax.default_backend() == "cpu" and onnx_runtime_missing() is None:
+            backend = jax.default_backend()
+        if backend == "cpu" and onnx_runtime_missing() is None:
             return "onnx"
     return "jax"
 

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,9 @@ except ModuleNotFoundError:  # the torch-free job (.ci/run): see pytest_collecti
 # lets the subprocess tests that compile the same small models load them instead.
 os.environ.setdefault("JAXTAG_CACHE_DIR", tempfile.mkdtemp(prefix="jaxtag-test-jax-cache-"))
 
+# The released-weights server fixtures (released_pth, released_server, released_cache).
+pytest_plugins = ["tests.released_fixtures"]
+
 DATA_DIR = Path(__file__).parent / "data"
 CONFIGS = {"released": ref.RELEASED, "conv16": ref.CONV16} if ref else {}
 LAYOUTS = {
@@ -51,41 +53,40 @@ BATCH = 40  # more than the original's 32-item limit
 QK_GAIN = 1.5  # query/key weights over the default init scale: attention peaked, not uniform
 
 
-def _uses_torch(path: Path) -> bool:
-    """A test module that imports torch, the reference or a test module that does."""
-    text = path.read_text(encoding="utf-8")
-    if "import torch" in text or "torch_reference" in text:
-        return True
-    return any(
-        _uses_torch(path.with_name(f"{name}.py"))
-        for name in set(re.findall(r"from tests\.(test_\w+) import", text))
-    )
-
-
-def pytest_ignore_collect(collection_path: Path) -> bool | None:
-    """Without torch (`pip install '.[train]'` only), torch tests cannot even be imported."""
-    if (
-        torch is None
-        and collection_path.suffix == ".py"
-        and collection_path.name.startswith("test_")
-    ):
-        return _uses_torch(collection_path) or None
-    return None
+# Test modules that import torch (the PyTorch reference) at the top; each marks itself
+# `pytestmark = pytest.mark.torch`. Without torch they cannot be imported, so the torch-free
+# job (`-m "not torch"`) does not collect them. Other tests that need torch are marked one by one.
+TORCH_MODULES = (
+    "test_convert.py",
+    "test_explain.py",
+    "test_parity.py",
+    "test_run_eval.py",
+    "test_torch_file.py",
+    "test_train_parity.py",
+)
+REFERENCE_FIXTURES = {"reference_factory", "converted_factory"}
+collect_ignore = [] if torch is not None else list(TORCH_MODULES)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Marks the torch tests `torch`. Without torch they were not collected, which only a run
-    that deselects them (-m "not torch") may accept: any other run fails rather than passing
-    without them."""
+    """Without torch only a run that deselects the torch tests (-m "not torch") may go on: any
+    other run fails rather than passing without them. A torch test must say so: an unmarked
+    test in a TORCH_MODULES file, or one asking for the reference models, is a usage error."""
     if torch is None and "not torch" not in (config.option.markexpr or ""):
         raise pytest.UsageError(
             'torch is not installed: run the torch-free tests with -m "not torch"'
         )
-    for item in items:
-        # A test needs torch when its module does or when it asks for the reference models
-        # (converted_factory builds on reference_factory, so the fixture closure names it).
-        if _uses_torch(Path(item.fspath)) or "reference_factory" in item.fixturenames:
-            item.add_marker(pytest.mark.torch)
+    unmarked = [
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("torch") is None
+        and (
+            Path(item.fspath).name in TORCH_MODULES
+            or REFERENCE_FIXTURES & set(getattr(item, "fixturenames", ()))
+        )
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests that need torch but are not marked torch: {unmarked}")
 
 
 @dataclasses.dataclass(eq=False)  # hashable by identity: one case per name per session

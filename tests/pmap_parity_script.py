@@ -28,8 +28,8 @@ config = ModelConfig(
     attention_dropout=0.0,
     hidden_dropout=0.0,
     classifier_dropout=0.0,
-    front_end=sys.argv[1] if len(sys.argv) > 1 else "auto",
 )
+front_end = sys.argv[1] if len(sys.argv) > 1 else "auto"
 rng = np.random.RandomState(0)
 mel = rng.uniform(-80, 40, (8, 96, 64)).astype(np.float32)
 tags = (rng.uniform(size=(8, 5)) > 0.5).astype(np.float32)
@@ -39,7 +39,9 @@ tx = optax.sgd(0.05)
 
 def run(devices: list) -> dict:
     n = len(devices)
-    state = flax.jax_utils.replicate(train.create_train_state(config, tx, 0, 64), devices)
+    state = flax.jax_utils.replicate(
+        train.create_train_state(config, tx, 0, 64, front_end=front_end), devices
+    )
     step = jax.pmap(
         lambda s, b: train.train_step(s, b, optax.constant_schedule(1e-3)),
         axis_name=train.AXIS,

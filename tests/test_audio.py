@@ -8,7 +8,7 @@ import librosa
 import numpy as np
 import pytest
 
-from jaxtag import audio
+from jaxtag import audio, streaming
 from tests.data_fixtures import reference_log_mel, tone, write_audio, write_corrupt
 
 
@@ -95,12 +95,12 @@ def test_streamed_log_mel_equals_the_whole_file_one(tmp_path, name, sr, channels
     sf.write(path, y, sr)
     whole = audio.load_log_mel(path)
     for block_seconds in (1.3, 2.0):
-        streamed, duration = audio.stream_log_mel(path, block_seconds=block_seconds)
+        streamed, duration = streaming.stream_log_mel(path, block_seconds=block_seconds)
         assert streamed.shape == whole.shape and streamed.dtype == np.float32
         np.testing.assert_allclose(streamed, whole, atol=atol)
         assert np.abs(streamed - whole).mean() < 1e-4
     assert duration == audio.load_audio(path).size / audio.SAMPLE_RATE
-    one_block, _ = audio.stream_log_mel(path, block_seconds=60.0)  # the whole-file path itself
+    one_block, _ = streaming.stream_log_mel(path, block_seconds=60.0)  # the whole-file path itself
     np.testing.assert_array_equal(one_block, whole)
 
 
@@ -112,7 +112,7 @@ def test_streamed_log_mel_refuses_non_finite_audio_in_a_late_block(tmp_path):
     path = str(tmp_path / "nan.wav")
     sf.write(path, y, 16000, subtype="FLOAT")
     with pytest.raises(audio.AudioError, match="nan.wav: decoded audio contains NaN"):
-        audio.stream_log_mel(path, block_seconds=1.0)
+        streaming.stream_log_mel(path, block_seconds=1.0)
 
 
 @pytest.mark.parametrize("channels", [1, 2, 3, 6])

@@ -21,6 +21,8 @@ from jaxtag.model import ModelConfig, count_params, init_variables
 from jaxtag.tags import MTAT_TOP50
 from tests.conftest import CONFIGS, LAYOUTS
 
+pytestmark = pytest.mark.torch  # the PyTorch reference (tests/conftest.py TORCH_MODULES)
+
 REPO = Path(__file__).resolve().parents[1]
 PARAMS = {"released": 6_878_308, "conv16": 6_882_452}
 EXPECTED_CONFIG = {
@@ -177,9 +179,9 @@ try:
     sys.exit("torch was importable")
 except ImportError:
     pass
-sys.argv = ["python -m jaxtag.convert", *sys.argv[1:]]
+sys.argv = ["jaxtag", "convert", *sys.argv[1:]]
 try:
-    runpy.run_module("jaxtag.convert", run_name="__main__")
+    runpy.run_module("jaxtag", run_name="__main__")
 except SystemExit as done:
     code = done.code
 loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
@@ -189,7 +191,7 @@ sys.exit(code)
 
 
 def test_converts_without_torch(reference_factory, converted_factory, tmp_path):
-    """`python -m jaxtag.convert` in a process where `import torch` fails."""
+    """`jaxtag convert` in a process where `import torch` fails."""
     out = tmp_path / "no_torch"
     source = reference_factory("released").files["legacy"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}

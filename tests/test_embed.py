@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtag import audio, cli, embed
+import jaxtag
+from jaxtag import audio, cli
 from jaxtag.checkpoint import load_model
 from jaxtag.model import MTSA
 from tests.data_fixtures import write_corrupt
@@ -101,8 +102,10 @@ def test_bad_file_in_the_list_and_bad_layer(checkpoint, library, tmp_path, capsy
     assert "layer differs" in capsys.readouterr().err
 
 
-def test_representation_names_follow_the_model():
-    assert embed.representation_names(2) == ["front_end", "layer_0", "layer_1", "pooled"]
+def test_representation_names_follow_the_model(checkpoint):
+    tagger = jaxtag.load(checkpoint)
+    assert tagger.config.num_layers == 2
+    assert tagger.layers == ["front_end", "layer_0", "layer_1", "pooled"]
 
 
 def test_onnx_engine_embeds_like_jax(checkpoint, library, tmp_path, capsys):
@@ -120,14 +123,14 @@ def test_onnx_engine_embeds_like_jax(checkpoint, library, tmp_path, capsys):
     layer_argv = [*argv, "--layer", "layer_0", "--out", str(tmp_path / "layer.npz")]
     assert cli.main([*layer_argv, "--engine", "onnx"]) == 2
     err = capsys.readouterr().err
-    assert "--engine onnx" in err and "'layer_0'" in err and "--engine jax" in err
+    assert "onnx engine" in err and "'layer_0'" in err and "jax engine" in err
     assert not (tmp_path / "layer.npz").exists()
 
 
 def test_auto_engine_runs_other_layers_with_jax(checkpoint, library, tmp_path, monkeypatch):
-    from jaxtag import inference
+    from jaxtag import scoring
 
-    monkeypatch.setattr(inference, "AUTO_ENGINE", "onnx")
+    monkeypatch.setattr(scoring, "AUTO_ENGINE", "onnx")
     out = tmp_path / "layer.npz"
     argv = ["embed", library[0], "--checkpoint", str(checkpoint), "--layer", "layer_0"]
     assert cli.main([*argv, "--out", str(out), "--engine", "auto"]) == 0

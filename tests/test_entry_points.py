@@ -123,7 +123,7 @@ def test_run_train_user_mistakes_in_one_line(tmp_path):
 def test_distributed_start_without_a_launcher(monkeypatch):
     import jax
 
-    from jaxtag.run_train import initialize_distributed
+    from jaxtag.cli.train import initialize_distributed
 
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))

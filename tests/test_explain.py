@@ -9,11 +9,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from jaxtag import audio, cli, explain, explain_cli, inference
+from jaxtag import audio, cli, explain, scoring, streaming
 from jaxtag.checkpoint import load_model
 from jaxtag.convert import convert_file
 from tests import torch_reference as ref
 from tests.conftest import log_mel_like, randomize_
+
+pytestmark = pytest.mark.torch  # the PyTorch reference (tests/conftest.py TORCH_MODULES)
 
 # Small enough that 65 one-position forward passes of the reference take a second.
 SMALL = ref.ReferenceConfig(
@@ -191,17 +193,17 @@ def test_tag_files_of_several_formats_rates_and_lengths(small_case, tmp_path, ca
     assert "error" in records[-1]
 
     # Whole-file predictions are the mean of the windows the module doc promises.
-    tagger = inference.Tagger(load_model(checkpoint), batch_size=8)
+    scorer = scoring.WindowScorer(load_model(checkpoint), batch_size=8)
     for record, path in zip(records[:-1], paths[:-1], strict=True):
         mel = audio.load_log_mel(path)
-        windows, _ = inference.file_windows(mel, segments=False)
-        expected = tagger.predict_windows(windows).mean(axis=0)
+        windows, _ = scoring.file_windows(mel, segments=False)
+        expected = scorer.predict_windows(windows).mean(axis=0)
         top = record["tags"][0]
-        assert top["probability"] == pytest.approx(expected.max(), abs=1e-4)
+        assert top["score"] == pytest.approx(expected.max(), abs=1e-4)
         assert record["duration"] == pytest.approx(files[path.rsplit("/", 1)[1]][0], abs=0.05)
     long_mel = audio.load_log_mel(paths[3])
-    assert len(inference.file_windows(long_mel, False)[0]) == math.ceil(long_mel.shape[1] / 256)
-    assert len(inference.file_windows(audio.load_log_mel(paths[1]), False)[0]) == 16
+    assert len(scoring.file_windows(long_mel, False)[0]) == math.ceil(long_mel.shape[1] / 256)
+    assert len(scoring.file_windows(audio.load_log_mel(paths[1]), False)[0]) == 16
 
     assert cli.main(["tag", paths[1], "--checkpoint", str(checkpoint), "--segments"]) == 0
     text = capsys.readouterr().out
@@ -258,7 +260,7 @@ def test_explain_refuses_bad_start_and_outputs_before_drawing(small_case, tmp_pa
     _write(wav, 5.0, 16_000)
     for start in ("-5", "inf", "nan"):
         assert _explain(checkpoint, wav, tmp_path / "a.png", "--start", start) == 2
-        _one_line_error(capsys, "--start", start)
+        _one_line_error(capsys, "start", start)
 
     assert _explain(checkpoint, wav, tmp_path / "fig.xyz") == 2
     _one_line_error(capsys, "fig.xyz", "format")
@@ -304,9 +306,7 @@ def test_explain_decodes_only_around_the_chunk(small_case, tmp_path, monkeypatch
         == 0
     )
     chunk_seconds = audio.frames_to_seconds(audio.CHUNK_FRAMES)
-    assert (
-        decoded and max(decoded) <= (chunk_seconds + 2 * explain_cli.MARGIN_SECONDS + 0.1) * 16_000
-    )
+    assert decoded and max(decoded) <= (chunk_seconds + 2 * streaming.MARGIN_SECONDS + 0.1) * 16_000
 
     full = audio.crop(audio.log_mel(load_audio(wav)), audio.seconds_to_frames(20.0))
     _assert_same_above_floor(np.load(npz)["mel"], full)
@@ -318,7 +318,7 @@ def test_explain_chunk_at_the_end_and_past_it(small_case, tmp_path, capsys):
     _write_noise(wav, 10.0, 22_050)
     mel = audio.load_log_mel(wav)
     last = mel.shape[-1] - audio.CHUNK_FRAMES
-    chunk = explain_cli.chunk_log_mel(wav, last)
+    chunk = streaming.chunk_log_mel(wav, last)
     assert chunk.shape == (96, 256)
     _assert_same_above_floor(chunk, mel[:, last:])
     assert _explain(checkpoint, wav, tmp_path / "f.png", "--start", "9") == 2

@@ -77,6 +77,7 @@ def test_small_model_runs_in_onnxruntime_like_jaxtag(small_checkpoint, tmp_path,
     assert props["tags"].split(",") == load_model(small_checkpoint).tags
 
 
+@pytest.mark.torch  # converted from the PyTorch reference
 def test_released_layout_runs_in_onnxruntime_like_jaxtag(converted_factory, tmp_path):
     checkpoint = converted_factory("released", "legacy")
     out = tmp_path / "released.onnx"

@@ -1,5 +1,6 @@
-"""The two front ends agree: `model.FrontEnd` (plain convolutions, the readable definition) and
-`kernels.BandedFrontEnd` (fused, blocked banded kernels), in values, parameter gradients and
+"""The two front ends agree: `FrontEnd` (plain convolutions, the readable definition) and
+`BandedFrontEnd` (jaxtag/model/front_end.py, built from the pure functions of
+jaxtag/model/kernels.py: fused, blocked banded kernels), in values, parameter gradients and
 BatchNorm statistics, in training and evaluation, float32 and bfloat16. The banded kernels are
 also checked one by one against XLA's direct 2D convolution.
 """
@@ -12,8 +13,15 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtag.kernels import BLOCK_ROWS, inside_tap_sums, vertical_conv
-from jaxtag.model import MTSA, ModelConfig, batch_moments, init_variables
+from jaxtag.model import (
+    MTSA,
+    ModelConfig,
+    batch_moments,
+    build_model,
+    choose_front_end,
+    init_variables,
+)
+from jaxtag.model.kernels import BLOCK_ROWS, inside_tap_sums, vertical_conv
 from tests.conftest import log_mel_like
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -133,9 +141,11 @@ def _variables(config: ModelConfig) -> dict:
     return {"params": variables["params"], "batch_stats": stats}
 
 
-def _loss_grads_stats(config: ModelConfig, variables: dict, mel: np.ndarray, train: bool):
+def _loss_grads_stats(
+    config: ModelConfig, front_end: str, variables: dict, mel: np.ndarray, train: bool
+):
     """(logits, parameter gradients of a BCE loss, batch_stats after the call)."""
-    model = MTSA(config)
+    model = MTSA(config, kernels=front_end)
     tags = np.random.RandomState(5).uniform(size=(mel.shape[0], config.num_tags)) > 0.7
 
     def loss(params):
@@ -160,7 +170,7 @@ def _max_diff(a, b) -> float:
 
 def test_both_front_ends_have_the_same_variables():
     trees = [
-        init_variables(dataclasses.replace(SMALL, front_end=name), jax.random.PRNGKey(3), FRAMES)
+        init_variables(SMALL, jax.random.PRNGKey(3), FRAMES, front_end=name)
         for name in ("reference", "banded")
     ]
     paths = [[p for p, _ in jax.tree_util.tree_leaves_with_path(t)] for t in trees]
@@ -176,10 +186,8 @@ def test_banded_front_end_equals_reference(dtype, train):
     config = dataclasses.replace(SMALL, dtype=dtype)
     variables = _variables(config)
     mel = log_mel_like(6, seed=3, frames=FRAMES)
-    ref = _loss_grads_stats(
-        dataclasses.replace(config, front_end="reference"), variables, mel, train
-    )
-    fast = _loss_grads_stats(dataclasses.replace(config, front_end="banded"), variables, mel, train)
+    ref = _loss_grads_stats(config, "reference", variables, mel, train)
+    fast = _loss_grads_stats(config, "banded", variables, mel, train)
     tol = TOLERANCES[dtype]
     grad_scale = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(ref[1]))
     assert grad_scale > 1e-3 and np.std(ref[0]) > 0.1  # something to compare
@@ -196,14 +204,25 @@ def test_branch_groups_follow_the_filter_heights():
     variables = _variables(config)
     mel = log_mel_like(3, seed=4, n_mels=48, frames=FRAMES)
     outputs = [
-        MTSA(dataclasses.replace(config, front_end=name)).apply(variables, mel, train=False)
+        MTSA(config, kernels=name).apply(variables, mel, train=False)
         for name in ("reference", "banded")
     ]
     np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-6)
 
 
-def test_auto_picks_banded_on_cpu_and_reference_elsewhere(monkeypatch):
-    assert ModelConfig(front_end="auto").front_end_kernels() == "banded"  # tests run on a CPU
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert ModelConfig(front_end="auto").front_end_kernels() == "reference"
-    assert ModelConfig(front_end="banded").front_end_kernels() == "banded"
+def test_auto_picks_banded_on_cpu_and_reference_elsewhere():
+    assert choose_front_end("auto", "cpu") == "banded"
+    assert choose_front_end("auto", "gpu") == "reference"
+    assert choose_front_end("auto", "tpu") == "reference"
+    assert choose_front_end("banded", "gpu") == "banded"
+    assert choose_front_end("reference", "cpu") == "reference"
+    with pytest.raises(ValueError, match="front_end must be"):
+        choose_front_end("fast", "cpu")
+
+
+def test_build_model_resolves_the_front_end_for_the_backend():
+    assert build_model(SMALL, backend="cpu").kernels == "banded"
+    assert build_model(SMALL, backend="gpu").kernels == "reference"
+    assert build_model(SMALL, backend="gpu", front_end="banded").kernels == "banded"
+    # Without a backend it reads JAX's default one, at the build site.
+    assert build_model(SMALL).kernels == choose_front_end("auto", jax.default_backend())

@@ -1,8 +1,6 @@
 """The model's public halves and hooks: `features` / `head`, `representations`, and the attention
 maps sown into `intermediates` (`attention_maps`), on a tiny random model."""
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import numpy as np
@@ -79,11 +77,14 @@ def test_attention_override_is_what_the_layer_uses(tiny):
     np.testing.assert_allclose(again, logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("front_end", ["reference", "banded"])
-def test_front_end_choice_keeps_the_outputs(tiny, front_end):
-    model, variables, mel = tiny
-    other = MTSA(dataclasses.replace(TINY, front_end=front_end))
-    np.testing.assert_allclose(other.apply(variables, mel), model.apply(variables, mel), atol=2e-6)
+def test_front_end_choice_keeps_the_outputs(tiny):
+    """Both front ends named explicitly: the same outputs on any backend (on a CPU the default
+    build is banded, on an accelerator reference, so neither side may come from the default)."""
+    _, variables, mel = tiny
+    reference = MTSA(TINY, kernels="reference").apply(variables, mel)
+    banded = MTSA(TINY, kernels="banded").apply(variables, mel)
+    assert np.std(np.asarray(reference)) > 1e-3  # something to compare
+    np.testing.assert_allclose(banded, reference, atol=2e-6)
 
 
 def test_init_variables_equal_a_plain_jitted_init():

@@ -72,7 +72,7 @@ def test_wheel_commands_run(wheel_install, tmp_path):
         assert expected in result.stdout, (script, result.stdout, result.stderr[-2000:])
     # A bundled config by name, loaded from the installed package.
     code = (
-        "from jaxtag.run_train import configs_dir, load_config; "
+        "from jaxtag.cli.train import configs_dir, load_config; "
         "print(configs_dir()); print(load_config('mtat:readme').model.conv_channels)"
     )
     result = run([sys.executable, "-c", code], env=env, cwd=tmp_path)
@@ -81,7 +81,7 @@ def test_wheel_commands_run(wheel_install, tmp_path):
 
 
 def test_config_flag_takes_bundled_names_and_files(tmp_path):
-    from jaxtag.run_train import bundled_configs, load_config
+    from jaxtag.cli.train import bundled_configs, load_config
 
     assert {"demo", "mtat", "msd"} <= set(bundled_configs())
     assert load_config("demo").model.width == 64
@@ -93,7 +93,7 @@ def test_config_flag_takes_bundled_names_and_files(tmp_path):
     )
     own = tmp_path / "mine.py"
     own.write_text(
-        "from jaxtag.run_train import load_config\n\n\n"
+        "from jaxtag.cli.train import load_config\n\n\n"
         "def get_config():\n    config = load_config('demo')\n"
         "    config.num_epochs = 3\n    return config\n"
     )
@@ -134,7 +134,14 @@ def test_tag_runs_without_tensorflow(tmp_path):
     assert '"low"' in result.stdout and song.name in result.stdout
 
 
-@pytest.mark.parametrize("command", ["jaxtag.run_train", "jaxtag.run_eval", "data_prep.build"])
+TRAIN_COMMANDS = {
+    "jaxtag.cli.train": "jaxtag-train",
+    "jaxtag.cli.evaluate": "jaxtag-eval",
+    "data_prep.build": "jaxtag-build",
+}
+
+
+@pytest.mark.parametrize("command", TRAIN_COMMANDS)
 def test_train_commands_without_the_train_extra_say_what_to_install(command, tmp_path):
     code = (
         "import runpy, sys\n"
@@ -145,7 +152,7 @@ def test_train_commands_without_the_train_extra_say_what_to_install(command, tmp
     result = run([sys.executable, "-c", code])
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"{'jaxtag-build' if 'build' in command else command.replace('.run_', '-')}: "
+        f"{TRAIN_COMMANDS[command]}: "
         "tensorflow, ml_collections not installed; training, evaluation and dataset building "
         "need the train extra: pip install 'jaxtag[train]'"
     ]

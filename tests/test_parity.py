@@ -15,7 +15,6 @@ scale (conftest.QK_GAIN) sets how peaked the attention is, and the float32 noise
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 
@@ -28,14 +27,18 @@ from jaxtag.model import MTSA, ModelConfig, attention_maps, cls_vector
 from tests import torch_reference as ref
 from tests.conftest import BATCH, CONFIGS, FORMATS
 
+pytestmark = pytest.mark.torch  # the PyTorch reference (tests/conftest.py TORCH_MODULES)
+
 TOLERANCE = 1e-5
 SEQ = 257  # 256 frames + CLS
 
 
 @functools.cache
-def _apply(config: ModelConfig):  # one compiled forward per architecture
+def _apply(config: ModelConfig, front_end: str):  # one compiled forward per architecture
+    model = MTSA(config, kernels=front_end)
+
     def forward(variables, mel):
-        logits, state = MTSA(config).apply(variables, mel, train=False, mutable=["intermediates"])
+        logits, state = model.apply(variables, mel, train=False, mutable=["intermediates"])
         return logits, attention_maps(state["intermediates"])
 
     return jax.jit(forward)
@@ -96,9 +99,7 @@ def test_converted_model_matches_reference(
         assert probs.max(-1).mean() > 4 / SEQ  # rows peak well above the uniform 1/257
 
     loaded = load_model(converted_factory(name, fmt))
-    assert loaded.config.front_end == "auto"  # converted checkpoints choose per backend
-    config = dataclasses.replace(loaded.config, front_end=front_end)
-    logits, attention = _apply(config)(loaded.variables, reference_mel)
+    logits, attention = _apply(loaded.config, front_end)(loaded.variables, reference_mel)
     got_probs = np.asarray(jax.nn.sigmoid(logits))
 
     assert len(attention) == len(want_attention) == 2

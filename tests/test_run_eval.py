@@ -11,10 +11,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 from data_prep import magnatagatune
-from jaxtag import audio, evaluate, inference
+from jaxtag import audio, evaluate, scoring
 from jaxtag.checkpoint import load_model
 from tests.data_fixtures import make_fake_mtat
 from tests.test_explain import small_case  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.torch  # the PyTorch reference (tests/conftest.py TORCH_MODULES)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,13 +49,13 @@ def test_run_eval_scores_a_converted_checkpoint(small_case, tmp_path):  # noqa: 
     assert "macro" in result.stdout and report["split"] == "test"
 
     # The same numbers by hand: every test clip, 16 chunks, mean sigmoid, scikit-learn.
-    tagger = inference.Tagger(load_model(converted), batch_size=16)
+    scorer = scoring.WindowScorer(load_model(converted), batch_size=16)
     probs, labels = [], []
     for example in tfds.as_numpy(builder.as_dataset(split="test")):
         chunks = audio.eval_chunks(example["mel"].astype(np.float32))
-        probs.append(tagger.predict_windows(chunks).mean(axis=0))
+        probs.append(scorer.predict_windows(chunks).mean(axis=0))
         labels.append(example["tags"])
-    expected = evaluate.compute_metrics(np.stack(probs), np.stack(labels), tagger.tags)
+    expected = evaluate.compute_metrics(np.stack(probs), np.stack(labels), scorer.tags)
     assert report["num_clips"] == len(labels)
     assert report["excluded_tags"] == expected["excluded_tags"]
     assert report["roc_auc"] == pytest.approx(expected["roc_auc"], abs=1e-5)

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxtag import audio, cli, inference
+from jaxtag import audio, cli, scoring
 from jaxtag.checkpoint import load_model
+from jaxtag.cli import common
 from jaxtag.result_files import NpzFile
 from tests.data_fixtures import write_corrupt
 from tests.tag_fixtures import TAGS, make_checkpoint, small_variables, write_library
@@ -63,7 +64,7 @@ def test_non_finite_outputs_are_errors_never_printed(checkpoint, library, monkey
     def nan_outputs(self, windows):
         return np.full((len(windows), len(TAGS)), np.nan, np.float32)
 
-    monkeypatch.setattr(inference.WindowScorer, "predict_windows", nan_outputs)
+    monkeypatch.setattr(scoring.WindowScorer, "predict_windows", nan_outputs)
     assert tag(*library[:2], "--checkpoint", checkpoint, "--json") == 1
     captured = capsys.readouterr()
 
@@ -90,15 +91,15 @@ def test_broken_pipe_exits_quietly(checkpoint, library):
     )
     process.stdout.close()
     stderr = process.stderr.read().decode()
-    assert process.wait(timeout=300) == inference.EXIT_BROKEN_PIPE
+    assert process.wait(timeout=300) == common.EXIT_BROKEN_PIPE
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr
 
 
 def test_segments_do_not_change_the_file_prediction(checkpoint, library, capsys):
     clip, track = library[1], library[2]  # 12 s: the 16-chunk protocol; 40 s: windows
-    scorer = inference.WindowScorer(load_model(checkpoint), batch_size=8)
-    plain = list(inference.score_files(scorer, [clip, track], windows=False, progress=False))
-    windowed = list(inference.score_files(scorer, [clip, track], windows=True, progress=False))
+    scorer = scoring.WindowScorer(load_model(checkpoint), batch_size=8)
+    plain = list(scoring.score_files(scorer, [clip, track], windows=False, progress=False))
+    windowed = list(scoring.score_files(scorer, [clip, track], windows=True, progress=False))
     for a, b in zip(plain, windowed, strict=True):
         np.testing.assert_allclose(a.output, b.output, atol=1e-6)
     # The clip's prediction is the 16-chunk protocol, its windows are reported besides.
@@ -125,10 +126,10 @@ def test_directories_and_files_from(checkpoint, library, tmp_path, capsys):
     root = Path(library[0]).parents[1]
     (root / "notes.txt").write_text("not audio")
     expected = sorted(library, key=lambda p: (Path(p).parent.name, Path(p).name))
-    assert inference.expand_inputs([str(root)]) == expected
+    assert scoring.expand_inputs([str(root)]) == expected
     listing = tmp_path / "list.txt"
     listing.write_text(f"{library[3]}\n\n  {library[0]}\n{library[3]}\n")
-    assert inference.expand_inputs([library[1]], str(listing)) == [
+    assert scoring.expand_inputs([library[1]], str(listing)) == [
         library[1],
         library[3],
         library[0],
@@ -178,9 +179,9 @@ def test_csv_and_jsonl_resume_after_a_torn_write(checkpoint, library, tmp_path, 
     rows = read_csv(full_csv)
     assert rows[0] == ["path", "duration", *TAGS]
     assert [r[0] for r in rows[1:]] == library
-    scorer = inference.WindowScorer(load_model(checkpoint), batch_size=32)
+    scorer = scoring.WindowScorer(load_model(checkpoint), batch_size=32)
     for row, result in zip(
-        rows[1:], inference.score_files(scorer, library, progress=False), strict=True
+        rows[1:], scoring.score_files(scorer, library, progress=False), strict=True
     ):
         np.testing.assert_allclose(np.float64(row[2:]), result.output, atol=1e-6)
         assert float(row[1]) == pytest.approx(result.duration, abs=1e-3)
@@ -242,8 +243,8 @@ def test_taggram_holds_every_window_and_resumes(checkpoint, library, tmp_path, m
     assert tag(*library, "--checkpoint", checkpoint, "--taggram", full) == 0
     taggram = load_npz(full)
     assert list(taggram["paths"]) == library and list(taggram["tags"]) == TAGS
-    scorer = inference.WindowScorer(load_model(checkpoint), batch_size=32)
-    results = list(inference.score_files(scorer, library, windows=True, progress=False))
+    scorer = scoring.WindowScorer(load_model(checkpoint), batch_size=32)
+    results = list(scoring.score_files(scorer, library, windows=True, progress=False))
     for i, result in enumerate(results):
         rows = taggram["window_file_index"] == i
         np.testing.assert_allclose(taggram["taggram"][rows], result.window_outputs, atol=1e-6)
@@ -273,7 +274,7 @@ def test_taggram_holds_every_window_and_resumes(checkpoint, library, tmp_path, m
 def test_interrupted_run_keeps_its_rows_and_resumes(checkpoint, library, tmp_path, monkeypatch):
     full, part = tmp_path / "full.csv", tmp_path / "part.csv"
     assert tag(*library, "--checkpoint", checkpoint, "--csv", full, "--batch-size", "8") == 0
-    predict = inference.WindowScorer.predict_windows
+    predict = scoring.WindowScorer.predict_windows
     calls = []
 
     def interrupted_on_third_batch(self, windows):
@@ -283,7 +284,7 @@ def test_interrupted_run_keeps_its_rows_and_resumes(checkpoint, library, tmp_pat
         return predict(self, windows)
 
     with monkeypatch.context() as patch:
-        patch.setattr(inference.WindowScorer, "predict_windows", interrupted_on_third_batch)
+        patch.setattr(scoring.WindowScorer, "predict_windows", interrupted_on_third_batch)
         assert tag(*library, "--checkpoint", checkpoint, "--csv", part, "--batch-size", "8") == 130
     written = read_csv(part)[1:]
     assert 1 <= len(written) < len(library)
@@ -292,8 +293,8 @@ def test_interrupted_run_keeps_its_rows_and_resumes(checkpoint, library, tmp_pat
 
 
 def test_progress_bar_shows_files_and_audio_minutes_per_second(checkpoint, library, capsys):
-    scorer = inference.WindowScorer(load_model(checkpoint), batch_size=16)
-    assert len(list(inference.score_files(scorer, library[:3], progress=True))) == 3
+    scorer = scoring.WindowScorer(load_model(checkpoint), batch_size=16)
+    assert len(list(scoring.score_files(scorer, library[:3], progress=True))) == 3
     bar = capsys.readouterr().err
     assert "3/3" in bar and "audio min/s" in bar and ("file/s" in bar or "s/file" in bar)
 
@@ -323,8 +324,8 @@ def test_onnx_engine_tags_like_jax(checkpoint, library, tmp_path, monkeypatch):
 MISSING_ONNXRUNTIME = """
 import runpy, sys
 sys.modules["onnxruntime"] = None  # `import onnxruntime` raises ImportError
-import jaxtag.inference
-jaxtag.inference.AUTO_ENGINE = "onnx"  # so that auto would take onnx if it could
+import jaxtag.scoring
+jaxtag.scoring.AUTO_ENGINE = "onnx"  # so that auto would take onnx if it could
 sys.argv = ["jaxtag", *sys.argv[1:]]
 runpy.run_module("jaxtag", run_name="__main__")
 """
@@ -346,7 +347,7 @@ def test_without_onnxruntime_onnx_is_refused_and_auto_falls_back(checkpoint, lib
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1, refused.stderr
-    assert lines[0].startswith("jaxtag tag: --engine onnx needs onnx and onnxruntime")
+    assert lines[0].startswith("jaxtag tag: the onnx engine needs onnx and onnxruntime")
     assert "pip install 'jaxtag[export]'" in lines[0]
     assert not (tmp_path / "onnx.csv").exists()
 
@@ -356,16 +357,17 @@ def test_without_onnxruntime_onnx_is_refused_and_auto_falls_back(checkpoint, lib
 
 
 def test_choose_engine(monkeypatch):
-    assert inference.choose_engine("jax") == "jax"
-    assert inference.choose_engine("onnx") == "onnx"  # the test extra installs onnxruntime
-    assert inference.choose_engine("auto") == inference.AUTO_ENGINE
-    monkeypatch.setattr(inference, "AUTO_ENGINE", "onnx")
-    assert inference.choose_engine("auto") == "onnx"  # the tests run JAX on the CPU
-    assert inference.choose_engine("auto", "pooled") == "onnx"
-    assert inference.choose_engine("auto", "layer_0") == "jax"  # not in the ONNX graph
-    with pytest.raises(inference.InputError, match="only the tag probabilities and the pooled"):
-        inference.choose_engine("onnx", "front_end")
-    monkeypatch.setattr(inference, "onnx_runtime_missing", lambda: "missing")
-    assert inference.choose_engine("auto") == "jax"
-    with pytest.raises(inference.InputError, match="missing"):
-        inference.choose_engine("onnx")
+    assert scoring.choose_engine("jax") == "jax"
+    assert scoring.choose_engine("onnx") == "onnx"  # the test extra installs onnxruntime
+    assert scoring.choose_engine("auto") == scoring.AUTO_ENGINE
+    monkeypatch.setattr(scoring, "AUTO_ENGINE", "onnx")
+    assert scoring.choose_engine("auto", backend="cpu") == "onnx"
+    assert scoring.choose_engine("auto", backend="gpu") == "jax"  # accelerators: always jax
+    assert scoring.choose_engine("auto", "pooled", backend="cpu") == "onnx"
+    assert scoring.choose_engine("auto", "layer_0", backend="cpu") == "jax"  # not in the graph
+    with pytest.raises(scoring.InputError, match="only the tag probabilities and the pooled"):
+        scoring.choose_engine("onnx", "front_end")
+    monkeypatch.setattr(scoring, "onnx_runtime_missing", lambda: "missing")
+    assert scoring.choose_engine("auto", backend="cpu") == "jax"
+    with pytest.raises(scoring.InputError, match="missing"):
+        scoring.choose_engine("onnx")

@@ -17,6 +17,8 @@ import torch
 from jaxtag import torch_file
 from jaxtag.torch_file import TorchFileError
 
+pytestmark = pytest.mark.torch  # the PyTorch reference (tests/conftest.py TORCH_MODULES)
+
 FORMATS = {"legacy": False, "zip": True}  # -> _use_new_zipfile_serialization
 
 

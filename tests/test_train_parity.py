@@ -16,6 +16,8 @@ from tests import torch_reference as ref
 from tests.conftest import log_mel_like
 from tests.test_explain import FRAMES, small_case  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.torch  # the PyTorch reference (tests/conftest.py TORCH_MODULES)
+
 LR = 1e-3
 
 

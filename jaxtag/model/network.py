@@ -165,11 +165,14 @@ def build_model(
     return MTSA(config, axis_name, choose_front_end(front_end, backend))
 
 
-def init_variables(config: ModelConfig, rng: Array, frames: int = 256) -> dict[str, Any]:
-    """Fresh {'params', 'batch_stats'} as plain nested dicts (the same for either front end)."""
+def init_variables(
+    config: ModelConfig, rng: Array, frames: int = 256, front_end: str = "reference"
+) -> dict[str, Any]:
+    """Fresh {'params', 'batch_stats'} as plain nested dicts; either front end creates the same
+    names from the same initialisers, so `front_end` does not change them (tested)."""
     from jaxtag.runtime import compile_once
 
-    model = MTSA(config)
+    model = MTSA(config, kernels=front_end)
     mel = jnp.zeros((1, config.n_mels, frames), jnp.float32)
     variables = compile_once(lambda r: model.init(r, mel, train=False), rng)
     return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
