@@ -10,7 +10,7 @@ VENV312 ?= .venv312
 # jaxtag's own deprecated calls fail the 3.12 job (other packages' deprecations stay warnings).
 OWN_DEPRECATIONS := error::DeprecationWarning:(jaxtag|data_prep|configs)(\.|$$)
 
-.PHONY: setup setup-test setup-py312 demo test test-py312 lint format bench clean-demo
+.PHONY: setup setup-test setup-py312 demo test test-fast test-py312 lint format bench clean-demo
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,15 @@ demo: setup
 	$(PY) run_eval.py --checkpoint $(DEMO_DIR)/run --dataset synthetic_tags \
 		--data_dir $(DEMO_DIR)/data --split test
 
+# Every test (about 15 minutes on 2 cores); `make test-fast` leaves out the `slow` ones
+# (subprocess and end-to-end runs: wheel build, demo, several processes, training runs).
 test: setup-test lint
 	$(PY) -m pytest -q
 
-# The torch-free tests on Python 3.12 with the newest releases pip resolves (CI's second job).
+test-fast: setup-test lint
+	$(PY) -m pytest -q -m "not slow"
+
+# The torch-free fast tier on Python 3.12 with the newest releases pip resolves (CI's second job).
 $(VENV312)/.installed: pyproject.toml
 	$(PYTHON312) -m venv $(VENV312)
 	$(VENV312)/bin/python -m pip install -q --upgrade pip
@@ -46,7 +51,7 @@ $(VENV312)/.installed: pyproject.toml
 setup-py312: $(VENV312)/.installed
 
 test-py312: setup-py312
-	$(VENV312)/bin/python -m pytest -q --durations=15 -m "not torch" -o 'filterwarnings=$(OWN_DEPRECATIONS)'
+	$(VENV312)/bin/python -m pytest -q --durations=15 -m "not torch and not slow" -o 'filterwarnings=$(OWN_DEPRECATIONS)'
 
 lint: setup-test
 	$(PY) -m ruff check .

@@ -40,9 +40,11 @@ import soundfile as sf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from jaxtag import audio, explain, inference  # noqa: E402
+from jaxtag import audio, explain, scoring, streaming  # noqa: E402
+from jaxtag.api import Tagger  # noqa: E402
 from jaxtag.checkpoint import LoadedModel  # noqa: E402
-from jaxtag.model import MTSA, ModelConfig, init_variables  # noqa: E402
+from jaxtag.cli.common import run_to_files  # noqa: E402
+from jaxtag.model import ModelConfig, build_model, init_variables  # noqa: E402
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -87,7 +89,7 @@ def bench_engines(loaded: LoadedModel, args: argparse.Namespace, engines: list[s
     from jaxtag.checkpoint import save_model
     from jaxtag.result_files import CsvFile
 
-    scorers = {e: inference.WindowScorer(loaded, args.batch_size, engine=e) for e in engines}
+    scorers = {e: Tagger(loaded, engine=e, batch_size=args.batch_size) for e in engines}
     per_minute: dict[str, list[float]] = {e: [] for e in engines}
     first_call: dict[str, list[float]] = {e: [] for e in engines}
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,16 +100,16 @@ def bench_engines(loaded: LoadedModel, args: argparse.Namespace, engines: list[s
         warm = Path(tmp) / "warm.wav"
         write_audio(warm, 5.0)
         checkpoint = save_model(Path(tmp) / "ckpt", loaded.variables, loaded.config, loaded.tags)
-        paths = inference.expand_inputs([str(folder)])
+        paths = scoring.expand_inputs([str(folder)])
         for scorer in scorers.values():
-            list(inference.score_files(scorer, [str(warm)], progress=False))  # compile
+            list(scorer.score([str(warm)]))  # compile
         audio_minutes = args.tracks * args.minutes
         for round_index in range(args.rounds):
             order = list(scorers.items())  # alternate who goes first: load drifts in a round
             for engine, scorer in order[:: -1 if round_index % 2 else 1]:
                 out = CsvFile(Path(tmp) / f"{engine}{round_index}.csv", scorer.tags)
                 start = time.perf_counter()
-                assert inference.run_to_files(scorer, paths, [out], "bench", False) == 0
+                assert run_to_files(scorer, paths, [out], "probabilities", "bench") == 0
                 per_minute[engine].append((time.perf_counter() - start) / audio_minutes)
                 first_call[engine].append(first_call_seconds(checkpoint, warm, engine, Path(tmp)))
                 print(
@@ -135,7 +137,7 @@ def bench_library(loaded: LoadedModel, tracks: int, minutes: float, batch_size: 
     """`jaxtag tag DIR --csv OUT` on `tracks` generated tracks of `minutes` each."""
     from jaxtag.result_files import CsvFile
 
-    scorer = inference.WindowScorer(loaded, batch_size=batch_size)
+    scorer = Tagger(loaded, engine="jax", batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "library"
         folder.mkdir()
@@ -143,17 +145,17 @@ def bench_library(loaded: LoadedModel, tracks: int, minutes: float, batch_size: 
             write_audio(folder / f"track{i:02d}.mp3", minutes * 60, channels=2, seed=i)
         warm = Path(tmp) / "warm.wav"
         write_audio(warm, 5.0)
-        list(inference.score_files(scorer, [str(warm)], progress=False))  # compile
-        paths = inference.expand_inputs([str(folder)])
+        list(scorer.score([str(warm)]))  # compile
+        paths = scoring.expand_inputs([str(folder)])
 
         start, cpu = time.perf_counter(), time.process_time()
         out = CsvFile(Path(tmp) / "tags.csv", scorer.tags)
-        code = inference.run_to_files(scorer, paths, [out], "bench", progress=False)
+        code = run_to_files(scorer, paths, [out], "probabilities", "bench")
         total, cpu = time.perf_counter() - start, time.process_time() - cpu
         assert code == 0
 
         start = time.perf_counter()
-        mels = [audio.stream_log_mel(p)[0] for p in paths]
+        mels = [streaming.stream_log_mel(p)[0] for p in paths]
         front_end = time.perf_counter() - start
         windows = sum(len(audio.sliding_window_starts(m.shape[-1])) for m in mels)
         batch = audio.sliding_windows(mels[0])[0][:batch_size]
@@ -200,7 +202,7 @@ def main() -> None:
         bench_library(loaded, args.tracks, args.minutes, args.batch_size)
     if args.library_only:
         return
-    tagger = inference.Tagger(loaded, batch_size=16)
+    tagger = Tagger(loaded, engine="jax", batch_size=16)
 
     import torch
     import torch_reference as ref
@@ -214,7 +216,7 @@ def main() -> None:
         write_audio(track, 300.0)
 
         def jax_clip() -> None:
-            list(inference.score_files(tagger, [str(clip)], progress=False))
+            list(tagger.score([str(clip)]))
 
         def torch_clip() -> None:
             chunks = audio.eval_chunks(audio.load_log_mel(clip))
@@ -222,7 +224,7 @@ def main() -> None:
                 reference(torch.from_numpy(chunks))
 
         def jax_track() -> None:
-            list(inference.score_files(tagger, [str(track)], progress=False))
+            list(tagger.score([str(track)]))
 
         def torch_track() -> None:
             windows, _ = audio.sliding_windows(audio.load_log_mel(track))
@@ -240,7 +242,7 @@ def main() -> None:
             ),
         ]
 
-    model = MTSA(config)
+    model = build_model(config)
     chunk = jnp.asarray(np.random.default_rng(1).uniform(-80, 40, (1, 96, 256)), jnp.float32)
     layer = config.num_layers - 1
     vectorised = best_of(

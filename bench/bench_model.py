@@ -13,10 +13,10 @@ means). `infer` is the eval-mode forward pass with sigmoid.
 
 FLOPs per example are counted by XLA's cost analysis on the CPU backend, whatever device runs
 the benchmark: the GPU cost analysis leaves cuDNN convolutions out. They are the network's FLOPs
-(the reference front end of jaxtag/model.py); the banded CPU kernels do some extra work on zero
-padding that is not counted. Utilisation is achieved FLOP/s over `--peak-tflops` for the compute
-dtype; defaults are known for H100 and H200 (dense, SXM): 989 TFLOP/s bfloat16, 67 float32 (the
-model's float32 runs at full precision, so it gets no TF32 tensor cores).
+(the reference front end of jaxtag/model/front_end.py); the banded CPU kernels do some extra work
+on zero padding that is not counted. Utilisation is achieved FLOP/s over `--peak-tflops` for the
+compute dtype; defaults are known for H100 and H200 (dense, SXM): 989 TFLOP/s bfloat16, 67
+float32 (the model's float32 runs at full precision, so it gets no TF32 tensor cores).
 
 Compile times (`--compile-only`, also part of the default run): a fresh process compiles the
 train and inference programs with JAX's persistent compilation cache (jaxtag/runtime.py) in an
@@ -86,16 +86,16 @@ def _time_loop(step, warmup: int, min_seconds: float, min_iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def _programs(mode: str, config, batch: int):
+def _programs(mode: str, config, batch: int, front_end: str = "auto"):
     """(jitted function, example arguments on the default device) for `mode`."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
-    from jaxtag.model import MTSA
+    from jaxtag.model import build_model
 
-    model = MTSA(config)
+    model = build_model(config, front_end=front_end)
     rng = np.random.RandomState(0)
     mel = rng.uniform(-80, 40, (batch, config.n_mels, FRAMES)).astype(np.float32)
     tags = (rng.uniform(size=(batch, config.num_tags)) > 0.9).astype(np.float32)
@@ -133,13 +133,13 @@ def _programs(mode: str, config, batch: int):
 def worker_jax(case: Case, args: argparse.Namespace) -> dict:
     import jax
 
-    from jaxtag.model import ModelConfig
+    from jaxtag.model import ModelConfig, choose_front_end
     from jaxtag.runtime import enable_compilation_cache
 
     enable_compilation_cache(args.cache_dir)  # fills the cache the compile check reads
 
-    config = ModelConfig(dtype=case.dtype, front_end=args.front_end)
-    fn, fn_args = _programs(case.mode, config, case.batch)
+    config = ModelConfig(dtype=case.dtype)
+    fn, fn_args = _programs(case.mode, config, case.batch, args.front_end)
     t0 = time.perf_counter()
     compiled = fn.lower(*fn_args).compile()
     compile_s = time.perf_counter() - t0
@@ -166,7 +166,7 @@ def worker_jax(case: Case, args: argparse.Namespace) -> dict:
         "peak_rss_mb": _peak_rss_mb(),
         "backend": jax.default_backend(),
         "device": str(device.device_kind),
-        "front_end": config.front_end_kernels(),
+        "front_end": choose_front_end(args.front_end, jax.default_backend()),
         "version": f"jax {jax.__version__}",
     }
 
@@ -177,9 +177,9 @@ def worker_flops(mode: str) -> dict:
 
     from jaxtag.model import ModelConfig
 
-    config = ModelConfig(front_end="reference")  # the network's FLOPs, not the kernels'
-    with jax.default_device(jax.devices("cpu")[0]):
-        fn, fn_args = _programs(mode, config, FLOP_BATCH)
+    config = ModelConfig()
+    with jax.default_device(jax.devices("cpu")[0]):  # the network's FLOPs, not the kernels'
+        fn, fn_args = _programs(mode, config, FLOP_BATCH, front_end="reference")
         cost = fn.lower(*fn_args).compile().cost_analysis()
     if isinstance(cost, list):
         cost = cost[0]
@@ -303,7 +303,7 @@ def main() -> None:
         "--front-end",
         default="auto",
         choices=["auto", "reference", "banded"],
-        help="ModelConfig.front_end of the measured model (default auto: banded on CPU)",
+        help="the front end's kernels (jaxtag.model.build_model; default auto: banded on CPU)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the compile-time check")
     parser.add_argument("--compile-only", action="store_true", help="only the compile times")

@@ -202,6 +202,13 @@ class Tagger:
         outputs = np.stack([r.output for r in results]).astype(np.float32)
         return outputs[0] if single else outputs
 
+    def predict_windows(self, windows: np.ndarray, output: str = "probabilities") -> np.ndarray:
+        """The model on log-mel windows `(N, n_mels, 256)` (`jaxtag.audio.log_mel` cut into
+        chunks): `(N, tags)` probabilities, or `(N, D)` vectors of a layer (see `layers`)."""
+        if output != "probabilities":
+            self._check_layer(output)
+        return self._scorer(output).predict_windows(np.asarray(windows, np.float32))
+
     def score(
         self,
         inputs: Iterable[AudioInput],

@@ -87,6 +87,7 @@ def demo_run(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProc
     return root, results
 
 
+@pytest.mark.slow  # the demo run / training subprocesses
 @pytest.mark.parametrize("stage", ["build", "train", "eval"])
 def test_normal_runs_print_only_jaxtags_own_output(demo_run, stage):
     _, results = demo_run
@@ -97,6 +98,7 @@ def test_normal_runs_print_only_jaxtags_own_output(demo_run, stage):
     assert expected[stage] in result.stdout
 
 
+@pytest.mark.slow  # the demo run / training subprocesses
 def test_run_eval_unknown_split_and_dataset(demo_run):
     root, _ = demo_run
     args = ["run_eval.py", "--checkpoint", str(root / "run"), "--data_dir", str(root / "data")]
@@ -106,6 +108,7 @@ def test_run_eval_unknown_split_and_dataset(demo_run):
     assert_one_line_error(result, "synthetic_tag is not built", "built there: synthetic_tags/small")
 
 
+@pytest.mark.slow  # the demo run / training subprocesses
 def test_run_train_user_mistakes_in_one_line(tmp_path):
     base = ["run_train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w")]
     result = run([*base, f"--config.data_dir={tmp_path / 'nothing'}"], tmp_path / "cache")

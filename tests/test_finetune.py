@@ -8,6 +8,8 @@ from jaxtag import checkpoint, train
 from jaxtag.model import ModelConfig, init_variables
 from tests.conftest import small_train_config
 
+pytestmark = pytest.mark.slow  # builds a dataset and fine-tunes
+
 SOURCE_TAGS = ["rock", "loud", "jazz", "quiet", "ambient"]  # two shared with synthetic_tags
 
 

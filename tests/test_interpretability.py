@@ -2,10 +2,13 @@
 tag-wise contribution falls where the generator put that tag's evidence."""
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
 from jaxtag import audio, explain, input_pipeline
 from jaxtag.checkpoint import load_model
+
+pytestmark = pytest.mark.slow  # trains a model first
 
 HALF = audio.CHUNK_FRAMES // 2
 MARGIN_SECONDS = 0.25  # a span's edges are faded in and out

@@ -9,8 +9,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from jaxtag import checkpoint
+
+pytestmark = pytest.mark.slow  # two processes training together
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = [sys.executable, str(REPO / "tests" / "arrays_run.py")]

@@ -47,6 +47,7 @@ def wheel_env(target: Path) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(target), JAXTAG_CACHE_DIR="off")
 
 
+@pytest.mark.slow  # a wheel build and install / subprocess runs
 def test_wheel_installs_one_namespace(wheel_install):
     top_level = sorted(p.name for p in wheel_install.iterdir() if p.name != "bin")
     assert top_level == ["jaxtag", "jaxtag-0.1.0.dist-info"]
@@ -60,6 +61,7 @@ def test_wheel_installs_one_namespace(wheel_install):
         assert not [n for n in whl.namelist() if n.startswith(("configs/", "data_prep/"))]
 
 
+@pytest.mark.slow  # a wheel build and install / subprocess runs
 def test_wheel_commands_run(wheel_install, tmp_path):
     env = wheel_env(wheel_install)
     build = run([sys.executable, "-m", "jaxtag.data_prep.build", "--help"], env=env, cwd=tmp_path)
@@ -116,6 +118,7 @@ def tiny_checkpoint(directory: Path) -> Path:
     return save_model(directory, variables, config, ["low", "mid", "high"])
 
 
+@pytest.mark.slow  # a wheel build and install / subprocess runs
 def test_tag_runs_without_tensorflow(tmp_path):
     """`pip install jaxtag` (no train extra) has no TensorFlow: tag must not need it."""
     checkpoint = tiny_checkpoint(tmp_path / "ckpt")

@@ -265,6 +265,7 @@ def test_hand_placed_wrong_file_is_refused_and_kept(
     assert released_server.requests == []
 
 
+@pytest.mark.slow  # two processes
 def test_two_processes_download_once(
     released_cache: Path, released_server: FileServer, released_pth: ReleasedFile
 ):

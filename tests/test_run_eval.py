@@ -16,7 +16,8 @@ from jaxtag.checkpoint import load_model
 from tests.data_fixtures import make_fake_mtat
 from tests.test_explain import small_case  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.torch  # the PyTorch reference (tests/conftest.py TORCH_MODULES)
+# The PyTorch reference; run_eval.py in a subprocess on a built dataset.
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 

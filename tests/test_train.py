@@ -114,6 +114,7 @@ def test_model_checkpoint_round_trip_and_errors(tmp_path):
         checkpoint.load_model(tmp_path / "missing")
 
 
+@pytest.mark.slow  # a subprocess with two host devices
 @pytest.mark.parametrize("front_end", ["banded", "reference"])
 def test_pmap_over_two_devices_matches_one_device(front_end):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")

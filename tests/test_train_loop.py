@@ -9,6 +9,8 @@ import pytest
 from jaxtag import checkpoint, evaluate, train
 from tests.conftest import small_train_config
 
+pytestmark = pytest.mark.slow  # full training runs
+
 
 def tiny_config(dataset_dir: str):
     config = small_train_config(dataset_dir)

@@ -13,6 +13,8 @@ import pytest
 from jaxtag import train
 from tests.arrays_run import tiny_config, tiny_source
 
+pytestmark = pytest.mark.slow  # training subprocesses, one killed and resumed
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = [sys.executable, str(REPO / "tests" / "arrays_run.py")]
 
