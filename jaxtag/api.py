@@ -64,7 +64,13 @@ def load(source: str | os.PathLike, engine: str = "auto", batch_size: int = 16) 
         needs `pip install 'jaxtag[export]'`) or "auto" (onnx on a CPU-only machine where it is
         installed, else jax).
       batch_size: windows (~4.1 s each) per model call.
+
+    The compiled model is kept in JAX's persistent compilation cache (as for the commands:
+    `~/.cache/jaxtag/jax`, `JAXTAG_CACHE_DIR=DIR|off`), unless the program set one up itself.
     """
+    from jaxtag.runtime import enable_compilation_cache
+
+    enable_compilation_cache(keep_existing=True)
     return Tagger(open_model(source), engine=engine, batch_size=batch_size)
 
 

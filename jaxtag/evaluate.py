@@ -20,7 +20,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm import tqdm
 
 from jaxtag.fileio import atomic_write
-from jaxtag.model import MTSA
+from jaxtag.model import MTSA, build_model
 
 PredictFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -212,7 +212,7 @@ def evaluate_checkpoint(
         raise ValueError(f"{loaded.path}: the model has no output for dataset tags {missing}")
     order = np.array([loaded.tags.index(t) for t in dataset_tags])
     metrics = evaluate_split(
-        MTSA(loaded.config),
+        build_model(loaded.config),
         loaded.variables,
         builder,
         split,

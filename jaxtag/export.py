@@ -6,7 +6,7 @@ sigmoid outputs, and `embedding` (batch, width), the pooled output the classifie
 (`MTSA.features`). The batch dimension is dynamic.
 
 The graph is written node by node from the checkpoint's parameters in the plain form of the
-architecture in jaxtag/model.py: per vertical branch Conv (valid in frequency, same in time),
+architecture in jaxtag/model/: per vertical branch Conv (valid in frequency, same in time),
 BatchNormalization, Relu and the max over the remaining frequency rows; the horizontal branches
 as 1D convolutions on the frequency mean; Concat; the 1x1 convolution; the BERT encoder (the
 last layer computes only the CLS query, as in `MTSA`); the tanh pooler; the classifier. Branch

@@ -26,13 +26,19 @@ def default_cache_dir() -> Path:
     return user_cache_dir() / "jax"
 
 
-def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
+def enable_compilation_cache(
+    directory: str | os.PathLike | None = None, keep_existing: bool = False
+) -> Path | None:
     """Turns on JAX's persistent compilation cache; returns its directory (None when off).
 
     `directory` wins over `$JAXTAG_CACHE_DIR`, which wins over `default_cache_dir()`. Every
-    program is cached, however quick its compile: a cached load is always cheaper.
+    program is cached, however quick its compile: a cached load is always cheaper. With
+    `keep_existing` (the Python API), a cache the program set up itself is left as it is.
     """
     import jax
+
+    if keep_existing and jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
 
     chosen = directory if directory is not None else os.environ.get(CACHE_ENV)
     if chosen is not None and str(chosen).lower() in ("off", "none", "0", ""):

@@ -41,7 +41,7 @@ WINDOW_SECONDS = float(audio.frames_to_seconds(audio.CHUNK_FRAMES))
 ENGINES = ("auto", "jax", "onnx")
 # What `auto` runs on a CPU-only JAX backend when onnxruntime is installed (on an accelerator
 # it is always jax): onnx was faster end to end and at start-up on the 2-core CPU of
-# docs/benchmarks.md (bench/bench_inference.py --engines jax,onnx).
+# README.md, Benchmarks (bench/bench_inference.py --engines jax,onnx).
 AUTO_ENGINE = "onnx"
 # The WindowScorer outputs the exported ONNX graph has (jaxtag/export.py OUTPUTS), by name.
 ONNX_OUTPUTS = {"probabilities": "probabilities", "pooled": "embedding"}

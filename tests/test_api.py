@@ -59,6 +59,25 @@ def test_import_jaxtag_loads_no_jax_until_a_model_is_used():
     assert result.stdout.strip() == ""
 
 
+def test_load_keeps_compiled_programs_in_the_cache_unless_one_is_set(checkpoint, library, tmp_path):
+    code = (
+        "import sys, jax, jaxtag\n"
+        "if sys.argv[1] == 'own':\n"
+        "    jax.config.update('jax_compilation_cache_dir', sys.argv[2] + '/own')\n"
+        f"jaxtag.load({str(checkpoint)!r}, engine='jax').predict({library[2]!r})\n"
+        "print(jax.config.jax_compilation_cache_dir)\n"
+    )
+    for mode in ("default", "own"):
+        env = {**os.environ, "JAXTAG_CACHE_DIR": str(tmp_path / "jaxtag")}
+        result = subprocess.run([sys.executable, "-c", code, mode, str(tmp_path)], env=env,
+                                capture_output=True, text=True, cwd=REPO, timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        used = Path(result.stdout.strip().splitlines()[-1])
+        assert used == tmp_path / ("jaxtag" if mode == "default" else "own")
+        if mode == "default":  # (the program's own cache keeps JAX's own thresholds)
+            assert any(used.iterdir())  # the compiled programs are there
+
+
 def test_tagger_describes_its_model(tagger, checkpoint):
     assert tagger.tags == TAGS and tagger.config == SMALL
     assert tagger.path == Path(checkpoint).absolute()

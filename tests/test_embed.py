@@ -39,9 +39,10 @@ def direct(checkpoint: Path, windows: np.ndarray, layer: str) -> np.ndarray:
     loaded = load_model(checkpoint)
     model = MTSA(loaded.config)
     if layer == "pooled":
-        out = model.apply(loaded.variables, windows, method=MTSA.features)
+        fn = lambda v, x: model.apply(v, x, method=MTSA.features)  # noqa: E731
     else:
-        out = model.apply(loaded.variables, windows, method=MTSA.representations)[layer]
+        fn = lambda v, x: model.apply(v, x, method=MTSA.representations)[layer]  # noqa: E731
+    out = jax.jit(fn)(loaded.variables, windows)
     return np.asarray(jax.device_get(out))
 
 

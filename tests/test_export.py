@@ -46,8 +46,8 @@ def _jaxtag(checkpoint, mel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Probabilities and pooled embedding straight from the Flax model."""
     loaded = load_model(checkpoint)
     model = MTSA(loaded.config)
-    logits = model.apply(loaded.variables, mel)
-    pooled = model.apply(loaded.variables, mel, method=MTSA.features)
+    logits = jax.jit(model.apply)(loaded.variables, mel)
+    pooled = jax.jit(lambda v, x: model.apply(v, x, method=MTSA.features))(loaded.variables, mel)
     return np.asarray(jax.nn.sigmoid(logits)), np.asarray(pooled)
 
 

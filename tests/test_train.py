@@ -143,11 +143,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_close_outputs():
 
     variables = init_variables(SMALL, jax.random.PRNGKey(1), frames=64)
     mel = np.random.RandomState(2).uniform(-80, 40, (4, 96, 64)).astype(np.float32)
-    f32 = jax.nn.sigmoid(MTSA(SMALL).apply(variables, mel))
+    f32 = jax.nn.sigmoid(jax.jit(MTSA(SMALL).apply)(variables, mel))
     bf16_config = dataclasses.replace(SMALL, dtype="bfloat16")
     bf16_vars = init_variables(bf16_config, jax.random.PRNGKey(1), frames=64)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(bf16_vars))
-    bf16 = jax.nn.sigmoid(MTSA(bf16_config).apply(variables, mel))
+    bf16 = jax.nn.sigmoid(jax.jit(MTSA(bf16_config).apply)(variables, mel))
     assert bf16.dtype == jnp.float32  # logits come back in float32
     # bf16 has 8 bits of mantissa: outputs agree to about 1e-2, and differ (it really ran in bf16).
     assert 0 < float(jnp.max(jnp.abs(bf16 - f32))) < 3e-2

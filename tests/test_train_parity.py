@@ -98,7 +98,7 @@ def _jax_grads(config, variables, mel, tags):
         )
         return train.bce_loss(logits, tags)
 
-    return jax.grad(loss)(variables["params"])
+    return jax.jit(jax.grad(loss))(variables["params"])  # one compile, not op by op
 
 
 def _copy_without_dropout(model: torch.nn.Module) -> torch.nn.Module:

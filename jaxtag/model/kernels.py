@@ -2,7 +2,7 @@
 builds `BandedFrontEnd` from them, beside the readable `FrontEnd` they reproduce.
 
 They are written for XLA's CPU backend, where convolutions with one input channel are slow
-(docs/benchmarks.md):
+(README.md, Benchmarks):
 
 - branches sharing a filter height run as one convolution with zero-padded kernels
   (`fuse_kernels`);

@@ -38,7 +38,7 @@ def choose_front_end(front_end: str, backend: str) -> str:
     """The front end that `front_end` ("auto", "reference" or "banded") means on `backend`.
 
     "auto" is banded on the CPU, where its fused matrix products beat XLA's convolutions
-    (docs/benchmarks.md), and the plain convolutions elsewhere (cuDNN / TPU convolutions).
+    (README.md, Benchmarks), and the plain convolutions elsewhere (cuDNN / TPU convolutions).
     """
     if front_end == "auto":
         return "banded" if backend == "cpu" else "reference"
