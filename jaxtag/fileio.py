@@ -1,4 +1,5 @@
-"""Atomic file writes: the one helper every stage uses to write a file whole or not at all."""
+"""Writing files safely: atomic writes (a file whole or not at all), output checks before work,
+and one writer per output (an exclusive advisory lock)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+from jaxtag.errors import JaxtagError
 
 
 def unwritable_reason(path: str | os.PathLike) -> str | None:
@@ -59,3 +62,54 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class LockedError(JaxtagError):
+    """Another process is writing the same output (its PID is in the message)."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: str | os.PathLike, what: str = "") -> Iterator[Path]:
+    """Holds an exclusive advisory lock on `target` (a file or a folder) for one writer at a time.
+
+    The lock is a `.<name>.lock` file beside a file target, `.lock` inside a folder target,
+    holding the owner's PID; the OS releases it when the process dies, and it is removed on a
+    clean release. A second writer is refused at once (no waiting) with `LockedError` naming
+    the holder's PID. `what` names the output in the message (default: the path).
+
+    Raises:
+      LockedError: another process holds the lock.
+    """
+    import fcntl
+
+    target = Path(target)
+    lock = target / ".lock" if target.is_dir() else target.with_name(f".{target.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LockedError(
+                f"{what or target} is being written by another process (PID {holder}); wait for "
+                "it to finish or stop it, then run again"
+            ) from None
+        # The holder before us may have removed the lock file after we opened it: then we
+        # locked a file nobody else sees. Start again on the one at the path.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)  # unlink first: nobody can lock the removed file and think they own it
