@@ -13,14 +13,17 @@ OWN_DEPRECATIONS := error::DeprecationWarning:(jaxtag|data_prep|configs)(\.|$$)
 .PHONY: setup setup-test setup-py312 demo test test-fast test-py312 lint format bench clean-demo
 
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[train]'
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# The test extras with the rest in one pip run (one resolve), also on a fresh machine.
+$(VENV)/.installed-test: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[train,test]'
-	touch $@
+	touch $@ $(VENV)/.installed
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
@@ -36,7 +39,7 @@ demo: setup
 # Every test (about 15 minutes on 2 cores); `make test-fast` leaves out the `slow` ones
 # (subprocess and end-to-end runs: wheel build, demo, several processes, training runs).
 test: setup-test lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup-test lint
 	$(PY) -m pytest -q -m "not slow"
