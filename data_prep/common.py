@@ -283,18 +283,8 @@ class BuildReport:
         return "\n".join(lines)
 
 
-MIN_CLIP_SECONDS = 1.0
-"""Clips with less audio are skipped (and listed): under a quarter of a chunk, most of every
-training crop would be padding; such clips are mostly truncated or broken files (an mp3 cut off
-after its first frames decodes to a fraction of a second)."""
-
-
-def too_short(frames: int) -> str | None:
-    """The skip reason for a clip of ``frames`` frames under ``MIN_CLIP_SECONDS``, else None."""
-    seconds = frames * audio.HOP / audio.SAMPLE_RATE  # frames are centred: +-16 ms
-    if seconds >= MIN_CLIP_SECONDS:
-        return None
-    return f"only {seconds:.2f} s of audio (clips under {MIN_CLIP_SECONDS:g} s are skipped)"
+MIN_CLIP_SECONDS = audio.MIN_CLIP_SECONDS  # one rule for the builders and `jaxtag tag`
+too_short = audio.too_short
 
 
 def chunk_seconds() -> float:

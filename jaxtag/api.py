@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # loading a Tagger imports JAX; `import jaxtag` does not
     from jaxtag.explain import Explanation
     from jaxtag.model import ModelConfig
 
+MAX_START_SECONDS = 365 * 24 * 3600.0
 AudioInput = str | os.PathLike | np.ndarray
 """A path to an audio file (wav, flac, ogg, mp3), or a waveform: a numpy array of shape
 (samples,) or (samples, channels), with its sample rate given as `sr=`."""
@@ -263,7 +264,8 @@ class Tagger:
         n_layers = self.config.num_layers
         if not -n_layers <= layer < n_layers:
             raise JaxtagError(f"layer must be in [-{n_layers}, {n_layers - 1}], got {layer}")
-        start_frame = audio_lib.seconds_to_frames(start)
+        # Any start past a year of audio is past the end: no frame index overflows (1e308).
+        start_frame = audio_lib.seconds_to_frames(min(start, MAX_START_SECONDS))
         if isinstance(source, scoring.Waveform):
             chunk = streaming.chunk_log_mel(source.samples, start_frame, source.sr)
         else:

@@ -61,8 +61,16 @@ CHUNK_FRAMES: int = 256
 EVAL_CHUNKS: int = 16
 """Chunks per clip in the evaluation protocol."""
 
-AUDIO_EXTENSIONS: tuple[str, ...] = (".wav", ".flac", ".ogg", ".mp3")
-"""File types that soundfile (libsndfile >= 1.1) decodes and the builders pick up."""
+AUDIO_EXTENSIONS: tuple[str, ...] = (
+    ".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".aifc", ".caf", ".w64",
+    ".rf64", ".au",
+)  # fmt: skip
+"""File types that soundfile (libsndfile >= 1.1) decodes: what directory inputs and the builders
+pick up. libsndfile reads no AAC (.m4a, .aac): convert those first (e.g. with ffmpeg)."""
+MIN_CLIP_SECONDS: float = 1.0
+"""Clips with less audio are not tagged and not built into datasets (and are listed): under a
+quarter of a chunk, most of every window would be padding; such clips are mostly truncated or
+broken files (an mp3 cut off after its first frames decodes to a fraction of a second)."""
 
 
 class AudioError(JaxtagError):
@@ -77,6 +85,13 @@ def existing_file(path: str | os.PathLike) -> str:
     if os.path.getsize(path) == 0:
         raise AudioError(f"{path}: the file is empty (0 bytes)")
     return path
+
+
+def native_path(path: str) -> str | bytes:
+    """`path` as libsndfile should get it: the file system's own bytes, so a name that is not
+    UTF-8 (held as surrogate escapes, `os.fsdecode`) opens as it is (soundfile would encode a
+    str strictly)."""
+    return path if os.name == "nt" else os.fsencode(path)
 
 
 def decode_error(path: str, error: Exception) -> AudioError:
@@ -111,7 +126,7 @@ def load_audio(
     if offset < 0 or (duration is not None and duration <= 0):
         raise ValueError(f"offset must be >= 0 and duration > 0, got {offset}, {duration}")
     try:
-        with sf.SoundFile(path) as f:
+        with sf.SoundFile(native_path(path)) as f:
             file_sr = f.samplerate
             start = min(int(round(offset * file_sr)), f.frames)
             if start:
@@ -229,6 +244,16 @@ def mel_power(y: np.ndarray, center: bool = True) -> np.ndarray:
     )
 
 
+def unclipped_db(power: np.ndarray) -> np.ndarray:
+    """The element-wise part of ``power_to_log_mel``, before the ``TOP_DB`` floor: the same
+    operations as ``librosa.amplitude_to_db`` (which squares its input, the quirk), in float32,
+    for converting a long file's mel window by window (jaxtag/streaming.py)."""
+    power = np.square(np.abs(np.asarray(power, np.float32)))
+    db = 10.0 * np.log10(np.maximum(AMIN**2, power))
+    db -= 10.0 * np.log10(np.maximum(AMIN**2, DB_REF**2))
+    return db
+
+
 def power_to_log_mel(power: np.ndarray) -> np.ndarray:
     """dB conversion of a whole signal's mel power (``TOP_DB`` below *its* maximum): float32."""
     import librosa
@@ -255,6 +280,15 @@ def log_mel(y: np.ndarray) -> np.ndarray:
 def load_log_mel(path: str | os.PathLike) -> np.ndarray:
     """``log_mel(load_audio(path))``: the model's input representation of an audio file."""
     return log_mel(load_audio(path))
+
+
+def too_short(frames: int) -> str | None:
+    """Why a clip of ``frames`` mel frames is too short to use (under ``MIN_CLIP_SECONDS``), or
+    None; the same words for `jaxtag tag` and the dataset builders."""
+    seconds = frames * HOP / SAMPLE_RATE  # frames are centred: +-16 ms
+    if seconds >= MIN_CLIP_SECONDS:
+        return None
+    return f"only {seconds:.2f} s of audio (clips under {MIN_CLIP_SECONDS:g} s are skipped)"
 
 
 def frames_to_seconds(frames: float | np.ndarray) -> float | np.ndarray:

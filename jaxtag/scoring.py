@@ -55,10 +55,17 @@ class InputError(JaxtagError):
 # Inputs
 
 
-def expand_inputs(items: Iterable[str], files_from: str | None = None) -> list[str]:
+def expand_inputs(
+    items: Iterable[str], files_from: str | None = None, skipped: list[str] | None = None
+) -> list[str]:
     """Files to process: each item as given, directories replaced by the audio files under them
     (recursively, sorted, `audio.AUDIO_EXTENSIONS`), then the lines of `files_from` ("-" reads
-    stdin). A path named twice is processed once.
+    stdin). A path named twice is processed once. The files of a directory that are not audio
+    are appended to `skipped` when given (the commands say how many and of which kinds).
+
+    `files_from` is split on newlines only and every other character kept (a name may hold
+    spaces at either end, a form feed or U+2028); names that are not UTF-8 come back with
+    surrogate escapes (`os.fsdecode`), as the file system has them.
 
     Raises:
       InputError: `files_from` cannot be read, or a directory holds no audio file.
@@ -66,12 +73,10 @@ def expand_inputs(items: Iterable[str], files_from: str | None = None) -> list[s
     paths: list[str] = []
     for item in items:
         if os.path.isdir(item):
-            found = sorted(
-                os.path.join(root, name)
-                for root, _, names in os.walk(item)
-                for name in names
-                if name.lower().endswith(audio.AUDIO_EXTENSIONS)
-            )
+            names = sorted(os.path.join(root, n) for root, _, ns in os.walk(item) for n in ns)
+            found = [n for n in names if n.lower().endswith(audio.AUDIO_EXTENSIONS)]
+            if skipped is not None:
+                skipped += [n for n in names if not n.lower().endswith(audio.AUDIO_EXTENSIONS)]
             if not found:
                 raise InputError(
                     f"{item}: no audio files ({', '.join(audio.AUDIO_EXTENSIONS)}) in this "
@@ -83,13 +88,25 @@ def expand_inputs(items: Iterable[str], files_from: str | None = None) -> list[s
     if files_from is not None:
         try:
             if files_from == "-":
-                text = sys.stdin.read()
+                data = sys.stdin.buffer.read()
             else:
-                text = Path(files_from).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
+                data = Path(files_from).read_bytes()
+        except OSError as err:
             raise InputError(f"{files_from}: cannot read the file list ({err})") from err
-        paths += [line.strip() for line in text.splitlines() if line.strip()]
+        paths += [os.fsdecode(line) for line in data.split(b"\n") if line]
     return list(dict.fromkeys(paths))
+
+
+def skipped_summary(skipped: list[str]) -> str | None:
+    """'N files that are not audio skipped (.txt 2, .jpg 1)', or None when there are none."""
+    if not skipped:
+        return None
+    kinds: dict[str, int] = {}
+    for name in skipped:
+        suffix = os.path.splitext(name)[1].lower() or "no extension"
+        kinds[suffix] = kinds.get(suffix, 0) + 1
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return f"{len(skipped)} files in the folders are not audio and were skipped ({counts})"
 
 
 def onnx_runtime_missing() -> str | None:
@@ -136,6 +153,14 @@ def choose_engine(engine: str, output: str = "probabilities", backend: str | Non
 
 # ----------------------------------------------------------------------------------------------
 # The model on fixed-size batches of windows
+
+
+def padded_batch(windows: int, batch_size: int) -> int:
+    """The batch a jitted call of `windows` windows runs at: the next power of two, at most
+    `batch_size`. Each size compiles once, so a few sizes serve every call, and the memory a
+    call takes follows the windows waiting, not `--batch-size` (a short clip with a batch size
+    of 5000 would otherwise compute 5000 windows)."""
+    return min(batch_size, 1 << max(windows - 1, 0).bit_length())
 
 
 class WindowScorer:
@@ -189,12 +214,15 @@ class WindowScorer:
         self._predict = lambda windows: jitted(variables, windows)
 
     def predict_windows(self, windows: np.ndarray) -> np.ndarray:
-        """(N, n_mels, frames) -> (N, D) outputs, in batches of `batch_size` (jax: the last one
-        padded to that size, so that one compilation serves all)."""
+        """(N, n_mels, frames) -> (N, D) outputs, in batches of at most `batch_size`."""
         out = []
         for i in range(0, len(windows), self.batch_size):
             chunk = windows[i : i + self.batch_size]
-            pad = self.batch_size - len(chunk) if self.engine == "jax" else 0
+            pad = (
+                padded_batch(len(chunk), self.batch_size) - len(chunk)
+                if self.engine == "jax"
+                else 0
+            )
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
             out.append(np.asarray(self._predict(chunk))[: len(chunk) - pad])
@@ -271,13 +299,14 @@ def source_name(source: Source) -> str:
     return source.name if isinstance(source, Waveform) else os.fspath(source)
 
 
-def log_mel_of(source: Source) -> tuple[np.ndarray, float]:
+def log_mel_of(source: Source) -> tuple[np.ndarray | streaming.SpilledLogMel, float]:
     """(the whole log-mel, seconds) of a file or a waveform: the same numbers for a file and
-    for its decoded samples."""
+    for its decoded samples. A very long file's mel is read from a temporary file window by
+    window (`streaming.open_log_mel`), so memory does not grow with the file's length."""
     if isinstance(source, Waveform):
         y = audio.load_waveform(source.samples, source.sr)
         return audio.log_mel(y), y.size / audio.SAMPLE_RATE
-    return streaming.stream_log_mel(source)
+    return streaming.open_log_mel(source)
 
 
 def _decode(source: Source, windows: bool) -> _File:
@@ -286,6 +315,9 @@ def _decode(source: Source, windows: bool) -> _File:
         mel, duration = log_mel_of(source)
     except (audio.AudioError, OSError, ValueError) as err:
         return _File(path, error=str(err))
+    short = audio.too_short(mel.shape[-1])
+    if short:
+        return _File(path, error=f"{path}: {short}")
     mel = audio.pad_to(mel)
     file_starts = file_window_starts(mel.shape[-1])
     window_starts = audio.sliding_window_starts(mel.shape[-1]) if windows else file_starts[:0]

@@ -1,5 +1,6 @@
-"""Reading audio with bounded memory: a whole long file block by block (`stream_log_mel`), or
-one chunk of a file or waveform with a margin around it (`chunk_log_mel`, for explanations).
+"""Reading audio with bounded memory: a whole long file block by block (`stream_log_mel`; with
+`open_log_mel` a very long one spills its mel to a temporary file), or one chunk of a file or
+waveform with a margin around it (`chunk_log_mel`, for explanations).
 
 Both give what `jaxtag.audio.log_mel` of the whole decoded signal gives (the chunk up to the dB
 floor, see `chunk_log_mel`), without holding the whole signal.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +21,10 @@ from jaxtag.errors import JaxtagError
 
 STREAM_BLOCK_SECONDS: float = 60.0
 """Seconds of the file that :func:`stream_log_mel` decodes at a time."""
+
+
+SPILL_SECONDS: float = 600.0
+"""Files longer than this keep their mel in a temporary file (:func:`open_log_mel`)."""
 
 
 def stream_log_mel(
@@ -38,23 +45,108 @@ def stream_log_mel(
     Raises:
       audio.AudioError: as :func:`audio.load_audio`.
     """
+    mel, seconds = _read(path, block_seconds, spill_seconds=None)
+    return mel, seconds
+
+
+def open_log_mel(
+    path: str | os.PathLike,
+    spill_seconds: float = SPILL_SECONDS,
+    block_seconds: float = STREAM_BLOCK_SECONDS,
+) -> tuple[np.ndarray | SpilledLogMel, float]:
+    """:func:`stream_log_mel`, except that a file longer than ``spill_seconds`` comes back as a
+    :class:`SpilledLogMel`: its power frames in a temporary file, windows converted to dB as
+    they are read, so that memory does not grow with the file's length (tagging an hour and
+    three hours cost the same)."""
+    return _read(path, block_seconds, spill_seconds)
+
+
+class SpilledLogMel:
+    """A long file's ``(N_MELS, T)`` log-mel kept as power frames in an unnamed temporary file.
+
+    ``mel[:, a:b]`` reads frames a..b-1 and converts them as :func:`audio.power_to_log_mel`
+    converts the whole (the same dB floor: ``TOP_DB`` below the whole file's maximum). The file
+    goes away with the object (or at exit).
+    """
+
+    def __init__(self, file: Any, frames: int, max_power: float):
+        self.file, self.frames = file, frames
+        self.floor = float(audio.unclipped_db(np.float32(max_power))) - audio.TOP_DB
+        self.shape = (audio.N_MELS, frames)
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = key
+        if rows != slice(None) or not isinstance(cols, slice) or cols.step not in (None, 1):
+            raise TypeError("SpilledLogMel takes mel[:, start:stop] only")
+        start, stop, _ = cols.indices(self.frames)
+        count = max(stop - start, 0)
+        row = audio.N_MELS * 4  # one frame of float32
+        data = os.pread(self.file.fileno(), count * row, start * row)
+        power = np.frombuffer(data, np.float32).reshape(count, audio.N_MELS).T
+        return np.maximum(audio.unclipped_db(power), np.float32(self.floor))
+
+    def min(self) -> float:
+        """The smallest value (what `audio.pad_to` pads with): the dB floor, or above it."""
+        return self.floor
+
+
+class _InMemory:
+    """Collects power blocks; converts the whole at the end (exactly `audio.power_to_log_mel`)."""
+
+    def __init__(self) -> None:
+        self.blocks: list[np.ndarray] = []
+
+    def add(self, power: np.ndarray) -> None:
+        self.blocks.append(power)
+
+    def result(self) -> np.ndarray:
+        return audio.power_to_log_mel(np.concatenate(self.blocks, axis=1))
+
+
+class _Spilled:
+    """Writes power blocks frame by frame to a temporary file and tracks their maximum."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.file = tempfile.TemporaryFile(prefix="jaxtag-mel-")
+        self.frames, self.max_power = 0, 0.0
+
+    def add(self, power: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(power.T, np.float32).tobytes())
+        self.frames += power.shape[1]
+        self.max_power = max(self.max_power, float(power.max(initial=0.0)))
+
+    def result(self) -> SpilledLogMel:
+        self.file.flush()
+        return SpilledLogMel(self.file, self.frames, self.max_power)
+
+
+def _read(
+    path: str | os.PathLike, block_seconds: float, spill_seconds: float | None
+) -> tuple[Any, float]:
     import soundfile as sf
 
     path = audio.existing_file(path)
     try:
-        with sf.SoundFile(path) as f:
+        with sf.SoundFile(audio.native_path(path)) as f:
             if f.frames <= block_seconds * f.samplerate:
                 y = audio.load_audio(path)
                 return audio.log_mel(y), y.size / SAMPLE_RATE
-            return _stream_log_mel(f, path, int(block_seconds * f.samplerate))
+            spill = spill_seconds is not None and f.frames > spill_seconds * f.samplerate
+            sink = _Spilled() if spill else _InMemory()
+            seconds = _stream_power(f, path, int(block_seconds * f.samplerate), sink.add)
+            return sink.result(), seconds
     except audio.AudioError:
         raise
     except Exception as e:  # libsndfile raises several types (LibsndfileError, RuntimeError...).
         raise audio.decode_error(path, e) from e
 
 
-def _stream_log_mel(f, path: str, block_frames: int) -> tuple[np.ndarray, float]:
-    """The streaming loop of :func:`stream_log_mel` on an open, longer-than-one-block file."""
+def _stream_power(f: Any, path: str, block_frames: int, add: Callable[[np.ndarray], None]) -> float:
+    """The streaming loop of :func:`stream_log_mel` on an open, longer-than-one-block file: hands
+    the power mel to `add` block by block; returns the duration."""
     half = N_FFT // 2
     # Keep this many decoded samples unframed until the end: the end's reflect padding reads the
     # last `half + 1` samples, and the length fix below may cut a few.
@@ -68,7 +160,6 @@ def _stream_log_mel(f, path: str, block_frames: int) -> tuple[np.ndarray, float]
     base = 0
     decoded = 0  # input samples read
     produced = 0  # samples at SAMPLE_RATE so far
-    frames: list[np.ndarray] = []
     done = 0  # frames computed
     started = False  # start padding applied
 
@@ -77,7 +168,7 @@ def _stream_log_mel(f, path: str, block_frames: int) -> tuple[np.ndarray, float]
         if stop <= done:
             return
         lo = done * HOP - base
-        frames.append(audio.mel_power(padded[lo : (stop - 1) * HOP + N_FFT - base], center=False))
+        add(audio.mel_power(padded[lo : (stop - 1) * HOP + N_FFT - base], center=False))
         done = stop
         padded = padded[done * HOP - base :]
         base = done * HOP
@@ -111,7 +202,7 @@ def _stream_log_mel(f, path: str, block_frames: int) -> tuple[np.ndarray, float]
         padded = np.concatenate([padded, np.zeros(end - padded.size, np.float32)])
     padded = np.concatenate([padded[:end], padded[end - 2 : end - 2 - half : -1]])
     frame_until(1 + n // HOP)
-    return audio.power_to_log_mel(np.concatenate(frames, axis=1)), n / SAMPLE_RATE
+    return n / SAMPLE_RATE
 
 
 # Audio decoded before and after the chunk: whole STFT frames for the edge frames and room for
@@ -133,7 +224,7 @@ def _frames_and_rate(source: str | os.PathLike | np.ndarray, sr: int | None) -> 
 
         path = audio.existing_file(source)
         try:
-            info = sf.info(path)
+            info = sf.info(audio.native_path(path))
         except Exception as err:  # libsndfile raises several types
             raise audio.decode_error(path, err) from err
         count, rate = info.frames, info.samplerate

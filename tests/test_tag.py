@@ -128,7 +128,7 @@ def test_directories_and_files_from(checkpoint, library, tmp_path, capsys):
     expected = sorted(library, key=lambda p: (Path(p).parent.name, Path(p).name))
     assert scoring.expand_inputs([str(root)]) == expected
     listing = tmp_path / "list.txt"
-    listing.write_text(f"{library[3]}\n\n  {library[0]}\n{library[3]}\n")
+    listing.write_text(f"{library[3]}\n\n{library[0]}\n{library[3]}\n")  # blank lines dropped
     assert scoring.expand_inputs([library[1]], str(listing)) == [
         library[1],
         library[3],
