@@ -44,8 +44,9 @@ def test_directories_take_opus_and_report_what_they_skip(tmp_path, tagger):
 
 
 def test_files_from_splits_on_newlines_only_and_keeps_every_other_character(tmp_path, tagger):
-    odd = ["  padded name .wav", "form\x0cfeed.wav", "line\u2028sep.wav", "nel\x85.wav",
-           os.fsdecode(b"caf\xe9.wav")]  # fmt: skip
+    names = ["  padded name .wav", "form\x0cfeed.wav", "line\u2028sep.wav", "nel\x85.wav",
+             os.fsdecode(b"caf\xe9.wav")]  # fmt: skip
+    odd = [os.path.join(tmp_path, n) for n in names]
     listing = tmp_path / "list.txt"
     listing.write_bytes(b"\n".join(os.fsencode(n) for n in odd) + b"\n\n")
     assert scoring.expand_inputs([], str(listing)) == odd
