@@ -3,7 +3,8 @@
 A *model checkpoint* is an orbax composite directory with two items:
 
     <dir>/variables/   {'params': ..., 'batch_stats': ...}   (orbax StandardSave)
-    <dir>/meta/        {'model': ModelConfig dict, 'tags': [...], 'sha256': {...}, ...}   (JSON)
+    <dir>/meta/        {'model': ModelConfig dict, 'tags': [...], 'format': 2, 'sha256': {...},
+                        ...}   (JSON)
 
 `jaxtag convert` writes one such directory (`save_model`). Training writes the same two items
 into every step it keeps, plus a `train_state` item (optimizer state, step, RNG), under
@@ -11,10 +12,14 @@ into every step it keeps, plus a `train_state` item (optimizer state, step, RNG)
 (`CheckpointStore`). So `load_model` accepts a model checkpoint, a step directory, a store
 directory or a workdir.
 
-Integrity: `meta['sha256']` holds one digest per array item (`array_digest`), written at save time
-and checked at every load and resume, so flipped bytes in the array data are a `CheckpointError`
-naming the directory, never silently wrong numbers. Checkpoints written before digests existed
-still load, with a warning that they were not verified.
+Integrity (format 2): `meta['sha256']` holds a digest per array item (`array_digest`) and, under
+'meta', one over the model config, tags, format number and array digests (`meta_digest`), all
+checked at every load and resume: flipped bytes, edited tags or config, a digest missing or
+malformed are a one-line `CheckpointError` (digests have no key: they catch damage and edits, not
+a forger who recomputes them). Metas without a 'format' key are older: format 1 (array digests
+only) loads with a warning that its metadata is not verified, format 0 (none) that nothing is.
+Steps that are not complete checkpoints (a `best/N` an eval report re-created) are skipped with a
+warning wherever steps are listed.
 
 This module is the only one that speaks orbax.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -37,16 +43,26 @@ import orbax.checkpoint as ocp
 
 from jaxtag.errors import JaxtagError
 from jaxtag.model import ModelConfig
+from jaxtag.model.config import saved_model, tag_problems
 
 VARIABLES = "variables"
 META = "meta"
 TRAIN_STATE = "train_state"
-DIGESTS = "sha256"  # meta[DIGESTS][item name] = array_digest(item)
+DIGESTS = "sha256"  # meta[DIGESTS][item name] = array_digest(item); [META] = meta_digest(meta)
+FORMAT_KEY, FORMAT = "format", 2  # written by this version; no key: format 1 or 0 (see above)
+STEP_ITEMS = (VARIABLES, META, TRAIN_STATE)  # what a training step holds
 CHECKPOINTS_SUBDIR = "checkpoints"
 LATEST, BEST = "latest", "best"  # the two step directories of a training workdir
 BEST_METRIC = "roc_auc"  # meta['metrics'][BEST_METRIC] ranks the best checkpoints
 
 log = logging.getLogger(__name__)
+_warned: set[tuple[str, str]] = set()  # (what, path): each warning once per process
+
+
+def _warn_once(what: str, path: Path, message: str) -> None:
+    if (what, str(path)) not in _warned:
+        _warned.add((what, str(path)))
+        log.warning("%s: %s", path, message)
 
 
 class CheckpointError(JaxtagError):
@@ -90,32 +106,65 @@ def model_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def make_meta(config: ModelConfig, tags: list[str], **extra: Any) -> dict[str, Any]:
-    if len(tags) != config.num_tags:
-        raise ValueError(f"{len(tags)} tag names for a model with {config.num_tags} outputs")
+    """The meta item of `config` and its `tags` (ValueError if they do not fit), plus `extra`."""
+    problems = tag_problems(list(tags), config.num_tags)
+    if problems:
+        raise ValueError("; ".join(problems))
     return {"model": config.to_dict(), "tags": list(tags), **extra}
 
 
+def meta_digest(meta: Mapping[str, Any]) -> str:
+    """SHA-256 over canonical JSON of the outputs-changing metadata: the stored model config,
+    the tags, the format number and the array items' digests (which binds them together)."""
+    digests = meta.get(DIGESTS)
+    arrays = {k: v for k, v in digests.items() if k != META} if isinstance(digests, dict) else None
+    covered = {"arrays": arrays, **{k: meta.get(k) for k in (FORMAT_KEY, "model", "tags")}}
+    text = json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _save_args(items: Mapping[str, Any], meta: Mapping[str, Any]) -> ocp.args.Composite:
-    """Array items plus the meta item, which records each array item's digest."""
+    """Array items plus the meta item, which records the format and the digests."""
     digests = {name: array_digest(tree) for name, tree in items.items()}
+    meta = {**meta, FORMAT_KEY: FORMAT, DIGESTS: digests}
+    meta[DIGESTS] = {**digests, META: meta_digest(meta)}
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-    return ocp.args.Composite(**args, **{META: ocp.args.JsonSave({**meta, DIGESTS: digests})})
+    return ocp.args.Composite(**args, **{META: ocp.args.JsonSave(meta)})
 
 
 def verify(directory: Path, items: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-    """Raises CheckpointError unless every restored item matches the digest saved with it."""
-    digests = meta.get(DIGESTS)
-    if digests is None:
-        log.warning(
-            "%s: checkpoint written without array digests; its data is not verified", directory
-        )
+    """Raises CheckpointError unless the meta holds well-formed digests for itself and for every
+    restored item in `items` (may be empty), and they match; warns for the older formats."""
+    if FORMAT_KEY not in meta and DIGESTS not in meta:  # format 0: before digests existed
+        _warn_once("format0", directory, "checkpoint written without digests; not verified")
         return
-    for name, tree in items.items():
-        if name in digests and array_digest(tree) != digests[name]:
-            raise CheckpointError(
-                f"{directory}: checkpoint data is corrupt (the '{name}' arrays do not match the "
-                "digest written with them); restore it from a copy or convert/train it again"
-            )
+    version, digests, problem = meta.get(FORMAT_KEY, 1), meta.get(DIGESTS), None
+    needed = (*items, META) if version == FORMAT else tuple(items)
+    if FORMAT_KEY in meta and (type(version) is not int or version != FORMAT):
+        problem = f"unknown checkpoint format {str(version)[:40]!r} (this jaxtag writes {FORMAT})"
+    elif not isinstance(digests, dict):
+        problem = f"checkpoint digests are malformed ('{DIGESTS}' is a {type(digests).__name__})"
+    elif missing := [name for name in needed if not isinstance(digests.get(name), str)]:
+        problem = f"checkpoint has no digest for its {', '.join(missing)} item"
+    elif version == FORMAT and meta_digest(meta) != digests[META]:
+        problem = "checkpoint metadata (model config, tags, format) does not match its digest"
+    elif bad := [name for name, tree in items.items() if array_digest(tree) != digests[name]]:
+        problem = f"checkpoint data is corrupt (the '{bad[0]}' arrays do not match their digest)"
+    if problem:
+        raise CheckpointError(
+            f"{directory}: {problem}; restore it from a copy or convert/train it again"
+        )
+    if version != FORMAT:  # format 1: what `jaxtag convert` wrote before the meta digest
+        old = "checkpoint of the previous format: arrays verified, model config and tags not"
+        _warn_once("format1", directory, f"{old} (convert or save it again to cover them)")
+
+
+def checked_metadata(directory: Path, meta: Mapping[str, Any]) -> tuple[ModelConfig, list[str]]:
+    """The model config and tags of a meta item, every bad field named in one CheckpointError."""
+    try:
+        return saved_model(meta.get("model"), meta.get("tags"))
+    except ValueError as err:
+        raise CheckpointError(f"{directory}: bad checkpoint metadata: {err}") from err
 
 
 def _replace_dir(directory: Path, write: Any) -> None:
@@ -179,19 +228,53 @@ def is_model_dir(path: Path) -> bool:
     return (path / VARIABLES).is_dir() and (path / META).is_dir()
 
 
+def _complete(manager_dir: Path, steps: Any, items: tuple[str, ...]) -> list[int]:
+    """The `steps` whose folders hold every item (non-empty), sorted; the others (a folder an
+    eval report re-created, a half-deleted one) are skipped with a warning."""
+    good = []
+    for step in sorted(steps):
+        folder = manager_dir / str(step)
+        if all((folder / item).is_dir() and any((folder / item).iterdir()) for item in items):
+            good.append(step)
+        else:
+            _warn_once("hollow", folder, "not a complete checkpoint; ignored")
+    return good
+
+
 def _steps(manager_dir: Path) -> list[int]:
-    """Finished steps of a step directory (unfinished temp dirs are ignored)."""
+    """Complete finished steps of a step directory (unfinished temp dirs are ignored)."""
     with ocp.CheckpointManager(manager_dir) as manager:
-        return sorted(manager.all_steps())
+        return _complete(manager_dir, manager.all_steps(), (VARIABLES, META))
+
+
+def _as_meta(directory: Path, value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise CheckpointError(
+            f"{directory}: bad checkpoint metadata: a {type(value).__name__}, not a JSON object"
+        )
+    return dict(value)
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
-    """The meta item of a model checkpoint or training step directory."""
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        restored = checkpointer.restore(
-            directory, ocp.args.Composite(**{META: ocp.args.JsonRestore()})
-        )
-    return dict(restored[META])
+    """The meta item of a model checkpoint or training step directory (not verified)."""
+    args = ocp.args.Composite(**{META: ocp.args.JsonRestore()})
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(directory, args)
+    except Exception as err:  # orbax raises many types; one clear error naming the directory
+        raise CheckpointError(f"{directory}: cannot read its meta: {first_line(err)}") from err
+    return _as_meta(directory, restored[META])
+
+
+def _score(directory: Path) -> float | None:
+    """A best step's validation ROC-AUC; None when its meta has none or cannot be read."""
+    try:
+        metrics = read_meta(directory).get("metrics")
+    except CheckpointError:  # a step without a score is not ranked
+        _warn_once("meta", directory, "its meta cannot be read; not ranked")
+        return None
+    score = metrics.get(BEST_METRIC) if isinstance(metrics, dict) else None
+    return float(score) if type(score) in (int, float) and score == score else None
 
 
 def resolve(path: str | Path, prefer: str = BEST) -> Path:
@@ -214,9 +297,7 @@ def resolve(path: str | Path, prefer: str = BEST) -> Path:
         if not steps:
             continue
         if manager.name == BEST:
-            scores = {
-                s: read_meta(manager / str(s)).get("metrics", {}).get(BEST_METRIC) for s in steps
-            }
+            scores = {s: _score(manager / str(s)) for s in steps}
             ranked = [s for s in steps if scores[s] is not None]
             if ranked:
                 return manager / str(max(ranked, key=lambda s: (scores[s], s)))
@@ -250,12 +331,8 @@ def load_model(path: str | Path, prefer: str = BEST) -> LoadedModel:
         raise CheckpointError(
             f"{directory}: cannot read checkpoint: {first_line(err)} (damaged or incomplete?)"
         ) from err
-    meta = dict(restored[META])
-    try:
-        config = ModelConfig.from_saved(meta["model"])
-        tags = list(meta["tags"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{directory}: bad checkpoint metadata: {err}") from err
+    meta = _as_meta(directory, restored[META])
+    config, tags = checked_metadata(directory, meta)
     variables = jax.tree_util.tree_map(np.asarray, dict(restored[VARIABLES]))
     variables.setdefault("batch_stats", {})
     verify(directory, {VARIABLES: variables}, meta)
@@ -278,17 +355,16 @@ class CheckpointStore:
 
     def __init__(self, workdir: str | Path, keep_best: int = 3, keep_latest: int = 2):
         self.root = Path(workdir).absolute() / CHECKPOINTS_SUBDIR
-        items = (VARIABLES, META, TRAIN_STATE)
         self._latest = ocp.CheckpointManager(
             self.root / LATEST,
-            item_names=items,
+            item_names=STEP_ITEMS,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep_latest, create=True, multiprocessing_options=_sync_keys(LATEST)
             ),
         )
         self._best = ocp.CheckpointManager(
             self.root / BEST,
-            item_names=items,
+            item_names=STEP_ITEMS,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep_best,
                 best_fn=lambda metrics: metrics[BEST_METRIC],
@@ -299,11 +375,24 @@ class CheckpointStore:
         )
 
     def latest_step(self) -> int | None:
-        return self._latest.latest_step()
+        """The newest complete step on disk in `latest/` (incomplete ones warned about)."""
+        steps = _complete(self.root / LATEST, self._latest.all_steps(read=True), STEP_ITEMS)
+        return steps[-1] if steps else None
+
+    def _latest_dir(self) -> Path:
+        step = self.latest_step()
+        if step is None:
+            raise CheckpointError(f"{self.root / LATEST}: no complete checkpoint to resume from")
+        return self.root / LATEST / str(step)
 
     def latest_meta(self) -> dict[str, Any]:
-        """The meta item of the latest step (to check a resume before restoring arrays)."""
-        return read_meta(self.root / LATEST / str(self.latest_step()))
+        """The meta item of the latest step, its digest verified and its model config and tags
+        validated (to check a resume before restoring arrays)."""
+        directory = self._latest_dir()
+        meta = read_meta(directory)
+        checked_metadata(directory, meta)
+        verify(directory, {}, meta)
+        return meta
 
     def save(
         self,
@@ -325,8 +414,8 @@ class CheckpointStore:
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """The latest step in the structure of the given templates: (variables, train_state,
         meta), verified against its digests (CheckpointError if corrupt or unreadable)."""
-        step = self.latest_step()
-        directory = self.root / LATEST / str(step)
+        directory = self._latest_dir()
+        step = int(directory.name)
         args = ocp.args.Composite(
             **{
                 VARIABLES: ocp.args.StandardRestore(model_variables(variables)),
@@ -337,10 +426,10 @@ class CheckpointStore:
         try:
             restored = self._latest.restore(step, args=args)
         except Exception as err:  # orbax raises many types; one clear error naming the step
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-            raise CheckpointError(f"{directory}: cannot restore: {first_line}") from err
+            raise CheckpointError(f"{directory}: cannot restore: {first_line(err)}") from err
         variables, train_state = dict(restored[VARIABLES]), dict(restored[TRAIN_STATE])
-        meta = dict(restored[META])
+        meta = _as_meta(directory, restored[META])
+        checked_metadata(directory, meta)
         verify(directory, {VARIABLES: variables, TRAIN_STATE: train_state}, meta)
         return variables, train_state, meta
 
