@@ -51,14 +51,16 @@ def stream_log_mel(
 
 def open_log_mel(
     path: str | os.PathLike,
-    spill_seconds: float = SPILL_SECONDS,
+    spill_seconds: float | None = None,
     block_seconds: float = STREAM_BLOCK_SECONDS,
 ) -> tuple[np.ndarray | SpilledLogMel, float]:
-    """:func:`stream_log_mel`, except that a file longer than ``spill_seconds`` comes back as a
+    """:func:`stream_log_mel`, except that a file longer than ``spill_seconds`` (default
+    ``SPILL_SECONDS``, read at the call) comes back as a
     :class:`SpilledLogMel`: its power frames in a temporary file, windows converted to dB as
     they are read, so that memory does not grow with the file's length (tagging an hour and
     three hours cost the same)."""
-    return _read(path, block_seconds, spill_seconds)
+    spill = SPILL_SECONDS if spill_seconds is None else spill_seconds
+    return _read(path, block_seconds, spill)
 
 
 class SpilledLogMel:

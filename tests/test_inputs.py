@@ -100,10 +100,16 @@ def test_a_long_file_spills_its_mel_and_reads_the_same_numbers(tmp_path, monkeyp
     assert spilled.min() == pytest.approx(float(whole.min()), abs=1e-4)  # the same dB floor
     # Through the scorer: the same predictions as from the mel in memory.
     monkeypatch.setattr(streaming, "SPILL_SECONDS", 100.0)
+    reads = []
+    getitem = streaming.SpilledLogMel.__getitem__
+    monkeypatch.setattr(
+        streaming.SpilledLogMel, "__getitem__", lambda m, k: reads.append(k) or getitem(m, k)
+    )
     tagger = jaxtag.load(make_checkpoint(tmp_path / "ckpt"), engine="jax")
     got = tagger.taggram(str(path))[1]
     windows, _ = audio.sliding_windows(whole)
     np.testing.assert_allclose(got, tagger.predict_windows(windows), atol=1e-5)
+    assert len(reads) == len(windows)  # every window was read from the spilled mel
 
 
 def test_explain_refuses_an_overflowing_start_in_one_line(tmp_path, tagger):
