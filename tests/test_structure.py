@@ -6,6 +6,10 @@ so an import placed inside a function to dodge a circle still counts."""
 from __future__ import annotations
 
 import ast
+import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +35,36 @@ def module_files() -> dict[str, Path]:
     return modules
 
 
+def import_records(text: str) -> list[dict]:
+    """Every import statement of a source: kind, level, module, names and whether it is at the
+    module's top level."""
+    tree = ast.parse(text)
+    top = {id(node) for node in tree.body}
+    records = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            records.append({
+                "from": isinstance(node, ast.ImportFrom),
+                "level": getattr(node, "level", 0),
+                "module": getattr(node, "module", None),
+                "names": [alias.name for alias in node.names],
+                "top": id(node) in top,
+            })  # fmt: skip
+    return records
+
+
+@functools.cache
+def all_records() -> dict[str, list[dict]]:
+    """`import_records` of every module, parsed in a fresh interpreter: CPython 3.11's
+    `ast.parse` can fail ("AST constructor recursion depth mismatch") in a process where other
+    tests ran before."""
+    paths = [str(p) for p in module_files().values()]
+    done = subprocess.run(
+        [sys.executable, __file__, *paths], capture_output=True, text=True, check=True
+    )
+    return json.loads(done.stdout)
+
+
 def imported_names(
     path: Path, module: str, is_package: bool, modules: dict | None = None
 ) -> set[str]:
@@ -40,19 +74,19 @@ def imported_names(
     modules = module_files() if modules is None else modules
     base = module if is_package else module.rpartition(".")[0]
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                anchor = base.split(".")
-                anchor = anchor[: len(anchor) - (node.level - 1)]
-                source = ".".join([*anchor, *([node.module] if node.module else [])])
-            else:
-                source = node.module
-            for alias in node.names:
-                sub = f"{source}.{alias.name}"
-                names.add(sub if _installed(sub) in modules else source)
+    for record in all_records()[str(path)]:
+        if not record["from"]:
+            names.update(record["names"])
+            continue
+        if record["level"]:
+            anchor = base.split(".")
+            anchor = anchor[: len(anchor) - (record["level"] - 1)]
+            source = ".".join([*anchor, *([record["module"]] if record["module"] else [])])
+        else:
+            source = record["module"]
+        for alias in record["names"]:
+            sub = f"{source}.{alias}"
+            names.add(sub if _installed(sub) in modules else source)
     return {_installed(n) for n in names}
 
 
@@ -148,14 +182,12 @@ def test_the_library_never_imports_the_dataset_builders():
     ],
 )
 def test_light_modules_stay_light(module, forbidden):
-    path = module_files()[module]
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    records = all_records()[str(module_files()[module])]
     top_level = set()
-    for node in tree.body:  # module level only: imports inside functions run on use
-        if isinstance(node, ast.Import):
-            top_level.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            top_level.add(node.module)
+    for record in records:  # module level only: imports inside functions run on use
+        if record["top"]:
+            top_level.update([record["module"]] if record["from"] else record["names"])
+    top_level.discard(None)
     assert not {n for n in top_level if n.split(".")[0] in forbidden or n in forbidden}
 
 
@@ -175,3 +207,9 @@ def test_no_source_file_is_long():
             if lines > MAX_LINES:
                 long.append(f"{path.relative_to(REPO)}: {lines}")
     assert long == []
+
+
+if __name__ == "__main__":  # the parsing half of `all_records`, in its own interpreter
+    print(
+        json.dumps({p: import_records(Path(p).read_text(encoding="utf-8")) for p in sys.argv[1:]})
+    )
