@@ -343,22 +343,46 @@ def fetch(name: str = "ponswon", *, progress: bool = True) -> Path:
         return _fetch_locked(entry, directory, progress)
 
 
+def _current(out: Path) -> bool:
+    """A cached conversion in this jaxtag's checkpoint format."""
+    from jaxtag import checkpoint  # imports JAX: only here, not on import
+
+    if not checkpoint.is_model_dir(out):
+        return False
+    try:
+        return checkpoint.read_meta(out).get(checkpoint.FORMAT_KEY) == checkpoint.FORMAT
+    except Exception:  # unreadable: not current (and converted again)
+        return False
+
+
+def _older_conversion(out: Path) -> bool:
+    """A cached conversion in an older checkpoint format (its metadata not under the digest)."""
+    from jaxtag import checkpoint
+
+    return checkpoint.is_model_dir(out) and not _current(out)
+
+
 def converted_checkpoint(name: str = "ponswon", *, progress: bool = True) -> Path:
     """The jaxtag checkpoint directory converted from the released weights, cached at
     `weights_dir()/name`: returned without any network once it exists, else fetched and
-    converted (under the download's lock, so concurrent callers convert once)."""
-    from jaxtag.checkpoint import is_model_dir  # imports JAX: only here, not on import
-
+    converted (under the download's lock, so concurrent callers convert once). A conversion in
+    an older checkpoint format is made again from the cached `.pth`."""
     entry = released(name)
     out = weights_dir() / entry.name
-    if is_model_dir(out):
+    if _current(out):
         return out
     directory = _prepare(entry)
     with _locked(directory / f"{entry.filename}.lock"):
-        if is_model_dir(out):  # converted by another process while this one waited
+        if _current(out):  # converted by another process while this one waited
             return out
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+        elif _older_conversion(out):  # converted by an older jaxtag: again, from the .pth
+            pth = _fetch_locked(entry, directory, progress)
+            from jaxtag.convert import convert_file
+
+            kwargs = {"num_heads": entry.num_heads, "tags": list(entry.tags)}
+            return convert_file(pth, out, overwrite=True, **kwargs)[0]
         elif out.exists():
             raise JaxtagError(
                 f"{out} exists and is not a jaxtag checkpoint; move it away so that the "

@@ -145,6 +145,25 @@ def test_first_call_converts_and_caches(
     assert fetch(progress=False) == pth
 
 
+def test_a_conversion_of_an_older_format_is_made_again_offline(
+    released_cache: Path, released_server: FileServer
+):
+    from jaxtag import checkpoint
+    from tests.test_checkpoint_integrity import edit_meta
+
+    path = released.converted_checkpoint(progress=False)
+    released_server.stop()
+
+    def as_previous_format(meta: dict) -> None:  # what `jaxtag convert` wrote before format 2
+        del meta[checkpoint.FORMAT_KEY], meta[checkpoint.DIGESTS]["meta"]
+
+    edit_meta(path, as_previous_format)
+    assert checkpoint.FORMAT_KEY not in checkpoint.read_meta(path)
+    assert released.converted_checkpoint(progress=False) == path  # from the cached .pth
+    assert checkpoint.read_meta(path)[checkpoint.FORMAT_KEY] == checkpoint.FORMAT
+    assert checkpoint.load_model(path).tags == list(MTAT_TOP50)
+
+
 def test_resume_after_cut(
     released_cache: Path, released_server: FileServer, released_pth: ReleasedFile
 ):
