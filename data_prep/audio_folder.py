@@ -1,14 +1,19 @@
 """``audio_folder``: your own folder of audio files plus a CSV of their tags.
 
-The manual dir holds the audio (wav, flac, ogg or mp3, in any sub-folders) and ``tags.csv`` with
-a header and the columns:
+The manual dir holds the audio (any format ``jaxtag.audio`` decodes: wav, flac, ogg, opus, mp3,
+aiff...; in any sub-folders) and ``tags.csv`` with a header and the columns:
 
-- ``path``: the audio file, relative to the manual dir (``/`` separated);
+- ``path``: the audio file, relative to the manual dir (``/`` separated; ``\\`` is read as ``/``).
+  Paths are normalised (``./a.wav`` is ``a.wav``) and must stay inside the manual dir once links
+  are resolved: an absolute path or one that leads outside is refused, listed in the build's
+  summary and never read (``common.confine``). Two rows naming the same file (after
+  normalisation, or through a link) are an error: the clip would land in two splits;
 - ``tags``: the clip's tags separated by ``;`` or ``|`` (both are accepted, so tag names cannot
   contain either), surrounding spaces ignored; e.g. ``rock; guitar|male vocal``;
 - ``split`` (optional): ``train``, ``validation`` (or ``valid``/``val``) or ``test``. Rows without
   one are split by a hash of their path: the first 8 hex digits of md5(path) modulo 100 gives
-  < 80 train, < 90 validation, else test (80/10/10, stable when rows are added or removed).
+  < 80 train, < 90 validation, else test (80/10/10, stable when rows are added or removed);
+  the normalised path is hashed.
 
 Vocabulary: the most frequent tags first (ties alphabetical), at most ``max_tags`` of them
 (config ``top50``, the default: 50; config ``all``: every tag). Clips with none of the vocabulary's
@@ -42,9 +47,12 @@ _SPLIT_ALIASES = {
 
 @dataclasses.dataclass(frozen=True)
 class Row:
+    """One usable row: ``path`` normalised relative to the manual dir, ``real`` the file read."""
+
     path: str
     tags: tuple[str, ...]
     split: str
+    real: str = dataclasses.field(default="", compare=False)
 
 
 def hash_split(path: str) -> str:
@@ -58,12 +66,16 @@ def split_tags(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(t.strip() for t in re.split(r"[;|]", text) if t.strip()))
 
 
-def read_tags_csv(path: str) -> list[Row]:
+def read_tags_csv(path: str, refused: dict[str, str] | None = None) -> list[Row]:
     """Parses the CSV; errors name the file and line.
 
-    A spreadsheet's "CSV UTF-8" export is read as written: its byte-order mark is dropped
-    (``utf-8-sig``) and CRLF line ends are the csv module's own (``newline=''``).
+    Paths are confined to the CSV's folder (``common.confine``): a refused path raises
+    ``common.UnsafePathError``, or, when ``refused`` is given, its row is left out and put there
+    (listed path -> reason and line). A spreadsheet's "CSV UTF-8" export is read as written: its
+    byte-order mark is dropped (``utf-8-sig``) and CRLF line ends are the csv module's own
+    (``newline=''``).
     """
+    root = os.path.dirname(os.path.abspath(path))
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         reader.fieldnames = [c.strip() for c in reader.fieldnames or []]
@@ -71,21 +83,33 @@ def read_tags_csv(path: str) -> list[Row]:
         missing = [c for c in ("path", "tags") if c not in columns]
         if missing:
             raise common.DataError(f"{path}: missing column(s) {missing}; found {columns}")
-        rows, seen = [], set()
+        rows, seen = [], {}
         for line, rec in enumerate(reader, start=2):
             rel = (rec["path"] or "").strip().replace("\\", "/")
             if not rel:
                 raise common.DataError(f"{path}:{line}: empty path")
-            if rel in seen:
-                raise common.DataError(f"{path}:{line}: {rel} is listed twice")
-            seen.add(rel)
+            try:
+                where = common.confine(root, rel)
+            except common.UnsafePathError as e:
+                if refused is None:
+                    raise common.UnsafePathError(f"{path}:{line}: {rel}", e.reason) from None
+                refused[rel] = f"{e.reason} ({CSV_NAME} line {line})"
+                continue
+            if where.real in seen:
+                first_line, first = seen[where.real]
+                same = "is listed twice" if first == rel else f"is the same file as {first}"
+                raise common.DataError(
+                    f"{path}:{line}: {rel} {same} (line {first_line}): one clip, one row"
+                )
+            seen[where.real] = line, rel
+            rel = where.name
             split_text = (rec.get("split") or "").strip().lower()
             if split_text and split_text not in _SPLIT_ALIASES:
                 raise common.DataError(
                     f"{path}:{line}: unknown split {split_text!r} (use train/validation/test)"
                 )
             split = _SPLIT_ALIASES[split_text] if split_text else hash_split(rel)
-            rows.append(Row(rel, split_tags(rec["tags"] or ""), split))
+            rows.append(Row(rel, split_tags(rec["tags"] or ""), split, where.real))
     return rows
 
 
@@ -126,7 +150,8 @@ class AudioFolder(base.MelDatasetBuilder):
     def _collect(self, dl_manager: tfds.download.DownloadManager) -> base.Collection:
         manual = os.fspath(dl_manager.manual_dir)
         base.require_files(manual, [CSV_NAME], "audio_folder")
-        rows = read_tags_csv(os.path.join(manual, CSV_NAME))
+        refused: dict[str, str] = {}
+        rows = read_tags_csv(os.path.join(manual, CSV_NAME), refused)
         tag_names = vocabulary(rows, self.builder_config.max_tags)
         index = {t: i for i, t in enumerate(tag_names)}
         clips, dropped = [], 0
@@ -136,10 +161,11 @@ class AudioFolder(base.MelDatasetBuilder):
             if not tags.any():
                 dropped += 1
                 continue
-            job = common.file_job(os.path.join(manual, row.path), name=row.path)
+            job = common.file_job(row.real, name=row.path)
             clips.append(base.Clip(row.split, row.path, job, tags, path=row.path))
         return base.Collection(
             clips=clips,
             tag_names=tag_names,
             dropped={"no tag in the vocabulary": dropped} if dropped else {},
+            refused=refused,
         )

@@ -11,14 +11,16 @@ Every dataset has these features (plus the subclass's extras):
 - ``mel`` (float16, ``(96, None)``): the log-mel of the whole clip, see ``jaxtag.audio``; float16
   because it halves disk and I/O at <= 0.03 dB rounding (``common.MEL_DTYPE`` explains);
 - ``tags`` (float32 0/1, ``(num_tags,)``): multi-hot tag vector in ``tag_names`` order;
-- ``path`` (str): the source audio relative to the manual dir ('' for generated audio).
+- ``path`` (str): the source audio relative to the manual dir, normalised ('' for generated
+  audio). Listed paths are confined to the manual dir (``common.confine``).
 
 ``info.metadata`` holds ``tag_names`` (the order of ``tags``), so a reader needs nothing but the
 built files (``jaxtag.input_pipeline.tag_names``), and the build's report: ``num_skipped`` and
 ``skipped`` (clip -> reason for unusable audio: missing, empty, undecodable, or under
 ``common.MIN_CLIP_SECONDS``), ``dropped`` (reason -> count of clips left out by the dataset's
-definition), ``shorter_than_chunk`` (clips kept that are shorter than one chunk) and
-``audio_hours``.
+definition), ``num_refused`` and ``refused`` (listed path -> reason, for paths that are absolute
+or lead outside the manual dir: errors of the dataset's files, never read),
+``shorter_than_chunk`` (clips kept that are shorter than one chunk) and ``audio_hours``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ SPLITS: tuple[str, ...] = ("train", "validation", "test")
 """Split names used by every builder (TFDS convention; MTAT's "valid" folder 'c' -> validation)."""
 
 MAX_SKIPPED_IN_METADATA = 1000
-"""Skipped clips named in ``info.metadata['skipped']`` (all are counted in ``num_skipped``)."""
+"""Skipped clips named in ``info.metadata['skipped']`` (all are counted in ``num_skipped``), and
+refused paths in ``['refused']``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,7 @@ class Collection:
     tag_names: list[str]
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def mel_features(
@@ -170,6 +174,7 @@ class MelDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
         )
         report.skipped.update(collection.skipped)
         report.dropped.update(collection.dropped)
+        report.refused.update(collection.refused)
         ready: dict[str, list[tuple[Clip, common.MelResult]]] = {s: [] for s in SPLITS}
         for clip in collection.clips:
             result = results[clip.job.key]
@@ -187,6 +192,8 @@ class MelDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
             num_skipped=len(report.skipped),
             skipped=dict(sorted(report.skipped.items())[:MAX_SKIPPED_IN_METADATA]),
             dropped=dict(report.dropped),
+            num_refused=len(report.refused),
+            refused=dict(sorted(report.refused.items())[:MAX_SKIPPED_IN_METADATA]),
             shorter_than_chunk=report.shorter_than_chunk,
             audio_hours=round(report.audio_seconds / 3600, 4),
         )

@@ -16,6 +16,7 @@ import time
 
 import jaxtag  # noqa: F401  (sets TensorFlow's logging variables before TF is imported)
 from jaxtag.cli.common import require_train_extra
+from jaxtag.fileio import unwritable_reason
 
 from . import BUILDERS, register
 
@@ -30,9 +31,11 @@ datasets:
                   small (60 x 6 s)
 
 The log-mel of every clip is computed on --num_workers processes and cached under
-DATA_DIR/downloads/mel_cache/NAME/, so rerunning after an interruption skips finished clips. The
-cache is removed after a successful build unless --keep_cache. Broken audio files are skipped and
-listed in the closing summary (and in the dataset's metadata).
+DATA_DIR/downloads/mel_cache/NAME/, so rerunning after an interruption (Ctrl-C: exit 130) skips
+finished clips. The cache is removed after a successful build unless --keep_cache. Broken audio
+files are skipped and listed in the closing summary (and in the dataset's metadata). Listed paths
+must stay inside the manual directory (links followed): absolute paths and paths leading outside
+are refused, listed in the summary as errors and never read.
 
 examples:
   {prog} synthetic_tags --data_dir ~/tensorflow_datasets
@@ -83,8 +86,37 @@ def _remove_interrupted_builds(version_dir: str) -> None:
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
+INTERRUPTED = "jaxtag-build: interrupted; rerun the same command to continue"
+
+
+def directory_problem(path: str) -> str | None:
+    """Why the build cannot write under the folder ``path``, or None (it may not exist yet)."""
+    if os.path.isdir(path):
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    if os.path.exists(path):
+        return f"{path} is not a directory"
+    return unwritable_reason(path)  # the nearest existing folder on the way must be writable
+
+
+def _error_line(err: OSError) -> str:
+    """``FILE: what happened`` for an OSError that names its file, else its first line."""
+    if err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs the build; returns the exit status (0 ok, 1 bad input file, 2 missing input)."""
+    """Runs the build; returns the exit status: 0 ok, 1 bad input file, 2 missing input, an
+    unusable --data_dir or a failed write (disk full), 130 interrupted (Ctrl-C; resumable)."""
+    try:
+        return _build(argv)
+    except KeyboardInterrupt:
+        # The mel workers ignore SIGINT (data_prep/common.py); finished clips stay cached.
+        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        return 130
+
+
+def _build(argv: list[str] | None) -> int:
     args = parse_args(argv)
     require_train_extra("jaxtag-build")
     import tensorflow_datasets as tfds
@@ -104,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        print(f"error: --data_dir {data_dir} is not a directory", file=sys.stderr)
+        return 2
     manual_dir = args.manual_dir and os.path.abspath(os.path.expanduser(args.manual_dir))
     if cls.MANUAL_DOWNLOAD_INSTRUCTIONS:
         manual = manual_dir or os.path.join(data_dir, "downloads", "manual")
@@ -117,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{builder.name}/{builder.builder_config.name} is already built at {builder.data_dir}"
         )
         return 0
+    # Checked before any work, but after "already built": a read-only shared data dir answers.
+    for folder in (
+        data_dir,
+        os.path.dirname(builder.data_dir),
+        os.path.join(data_dir, "downloads"),
+    ):
+        problem = directory_problem(folder)
+        if problem:
+            print(f"error: --data_dir: {problem}", file=sys.stderr)
+            return 2
     _remove_interrupted_builds(builder.data_dir)
     start = time.time()
     try:
@@ -131,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     except common.DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk or a folder made read-only meanwhile
+        print(f"error: {_error_line(e)}", file=sys.stderr)
+        return 2
     report = builder.report
     report.start_time = start
     if not args.keep_cache and builder.cache_dir:

@@ -25,6 +25,10 @@ import dataclasses
 import hashlib
 import multiprocessing
 import os
+import posixpath
+import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -32,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from jaxtag import audio
+from jaxtag.errors import JaxtagError
 from jaxtag.fileio import atomic_write
 
 MEL_DTYPE = np.float16
@@ -53,8 +58,61 @@ class ManualDirError(FileNotFoundError):
     """The manual directory lacks something a builder needs; the message says what and where."""
 
 
-class DataError(ValueError):
+class DataError(JaxtagError):
     """An input file (annotations, CSV, pickle) is malformed; the message names file and line."""
+
+
+class UnsafePathError(DataError):
+    """A listed audio path is absolute or leads outside the manual directory (links followed)."""
+
+    def __init__(self, listed: str, reason: str):
+        super().__init__(f"{listed}: {reason}")
+        self.listed, self.reason = listed, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfinedPath:
+    """A listed path that :func:`confine` accepted.
+
+    Attributes:
+      name: the path normalised (``posixpath.normpath``: no ``./``, ``//`` or inner ``..``),
+        relative to the manual directory: what reports and the dataset's ``path`` show.
+      real: the file it names, absolute, links resolved: what is read, and what makes two
+        listed paths the same clip.
+    """
+
+    name: str
+    real: str
+
+
+def confine(root: str, listed: str) -> ConfinedPath:
+    """Checks a ``/``-separated path that a dataset's files list relative to ``root``.
+
+    One rule for every builder: a dataset may only read files inside its manual directory, so a
+    listed path is refused (``UnsafePathError``) when it is absolute, when it leads outside
+    ``root`` as written (``../``), or when it resolves outside ``root`` once links are followed
+    (``os.path.realpath`` of both, then a ``commonpath`` check). A missing file inside ``root``
+    is accepted here and reported as missing audio later.
+    """
+    if "\0" in listed:
+        raise UnsafePathError(repr(listed), "contains a NUL character")
+    if not listed:
+        raise UnsafePathError("''", "an empty path")
+    if posixpath.isabs(listed) or os.path.isabs(listed) or re.match(r"[A-Za-z]:[/\\]", listed):
+        raise UnsafePathError(
+            listed, "an absolute path (paths are relative to the manual directory)"
+        )
+    name = posixpath.normpath(listed)
+    if name == ".." or name.startswith("../"):
+        raise UnsafePathError(listed, f"leads outside the manual directory {root}")
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, listed))
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise UnsafePathError(
+            listed,
+            f"resolves to {real}, outside the manual directory {root} (links are followed)",
+        )
+    return ConfinedPath(name, real)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +272,26 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C is the parent's to handle (one line, jaxtag-build's exit 130);
+    the pool's exit terminates the workers, which would otherwise each print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while workers start: they inherit it ignored from their first instruction
+    (Python keeps an ignored SIGINT ignored), before their initializer could run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _map(fn: Callable, items: list, num_workers: int) -> Iterable:
     """``imap_unordered`` on a spawn pool of single-threaded workers, or a plain loop."""
     if num_workers <= 1 or len(items) <= 1:
@@ -225,8 +303,8 @@ def _map(fn: Callable, items: list, num_workers: int) -> Iterable:
             yield from map(fn, items)
         return
     ctx = multiprocessing.get_context("spawn")
-    with _environment(_SINGLE_THREAD_ENV):
-        pool = ctx.Pool(num_workers)
+    with _environment(_SINGLE_THREAD_ENV), _sigint_ignored():
+        pool = ctx.Pool(num_workers, initializer=_ignore_sigint)
     with pool:
         yield from pool.imap_unordered(fn, items, chunksize=1)
 
@@ -241,6 +319,8 @@ class BuildReport:
         (broken, empty or missing audio).
       dropped: reason -> count, for clips left out by the dataset's definition (e.g. MTAT clips
         with none of the top-50 tags).
+      refused: listed path (or clip) -> reason, for paths that are absolute or lead outside the
+        manual directory (:func:`confine`): errors in the dataset's files, never read.
       shorter_than_chunk: written clips shorter than one 256-frame chunk (~4.1 s), which readers
         pad; clips under ``MIN_CLIP_SECONDS`` are not written but skipped.
       audio_seconds: audio in the written examples (from frame counts, +-16 ms per clip).
@@ -250,6 +330,7 @@ class BuildReport:
     written: dict[str, int] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
     shorter_than_chunk: int = 0
     audio_seconds: float = 0.0
     start_time: float = dataclasses.field(default_factory=time.time)
@@ -267,12 +348,14 @@ class BuildReport:
             f"audio: {self.audio_seconds / 3600:.2f} h ({self.audio_seconds:.0f} s)",
             f"wall time: {wall:.1f} s",
             f"skipped (unusable audio): {len(self.skipped)}",
+            *_listing(self.skipped, max_listed),
         ]
-        for i, (name, reason) in enumerate(sorted(self.skipped.items())):
-            if i == max_listed:
-                lines.append(f"  ... and {len(self.skipped) - max_listed} more")
-                break
-            lines.append(f"  {name}: {reason}")
+        if self.refused:
+            lines.append(
+                f"error: paths refused (absolute or outside the manual directory), not read: "
+                f"{len(self.refused)}"
+            )
+            lines += _listing(self.refused, max_listed)
         if self.shorter_than_chunk:
             lines.append(
                 f"shorter than one {chunk_seconds():.1f} s chunk (kept, padded when read): "
@@ -281,6 +364,14 @@ class BuildReport:
         for reason, count in sorted(self.dropped.items()):
             lines.append(f"dropped by design: {count} ({reason})")
         return "\n".join(lines)
+
+
+def _listing(reasons: dict[str, str], max_listed: int) -> list[str]:
+    """``  name: reason`` lines, sorted, at most ``max_listed`` of them and a count of the rest."""
+    lines = [f"  {name}: {reason}" for name, reason in sorted(reasons.items())[:max_listed]]
+    if len(reasons) > max_listed:
+        lines.append(f"  ... and {len(reasons) - max_listed} more")
+    return lines
 
 
 MIN_CLIP_SECONDS = audio.MIN_CLIP_SECONDS  # one rule for the builders and `jaxtag tag`

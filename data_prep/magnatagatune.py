@@ -4,7 +4,9 @@ The manual dir holds ``annotations_final.csv`` (tab separated, quoted: ``clip_id
 columns, ``mp3_path``) and the mp3 folders ``0`` .. ``f``. The split is the original one by
 folder: ``0``-``b`` train, ``c`` validation, ``d``-``f`` test; clips with none of the 50 tags
 are dropped (expected result: 15,250 / 1,529 / 4,332 clips). The few broken mp3 files of MTAT are
-reported and skipped.
+reported and skipped. An ``mp3_path`` is normalised before its folder is read, and one that is
+absolute or leads outside the manual dir (links followed) is refused, listed in the build's
+summary and never read (``common.confine``).
 
 Configs (the tag *set* is the 50 most frequent tags either way; they differ in order):
 
@@ -133,8 +135,14 @@ class Magnatagatune(base.MelDatasetBuilder):
         ann = read_annotations(os.path.join(manual, ANNOTATIONS))
         tag_names = self._tag_names(ann, os.path.join(manual, ANNOTATIONS))
         columns = [ann.tag_names.index(t) for t in tag_names]
-        clips, dropped = [], {}
-        for clip_id, row, mp3 in zip(ann.clip_ids, ann.labels, ann.mp3_paths, strict=True):
+        clips, dropped, refused = [], {}, {}
+        for clip_id, row, listed in zip(ann.clip_ids, ann.labels, ann.mp3_paths, strict=True):
+            try:
+                where = common.confine(manual, listed.replace("\\", "/")) if listed else None
+            except common.UnsafePathError as e:
+                refused[listed] = f"{e.reason} ({ANNOTATIONS}, clip {clip_id})"
+                continue
+            mp3 = where.name if where else listed
             split, tags = split_of(mp3), row[columns].astype(np.float32)
             reason = None
             if split is None:
@@ -144,9 +152,9 @@ class Magnatagatune(base.MelDatasetBuilder):
             if reason:
                 dropped[reason] = dropped.get(reason, 0) + 1
                 continue
-            job = common.file_job(os.path.join(manual, mp3), name=mp3)
+            job = common.file_job(where.real, name=mp3)
             clips.append(base.Clip(split, clip_id, job, tags, path=mp3))
-        return base.Collection(clips=clips, tag_names=tag_names, dropped=dropped)
+        return base.Collection(clips=clips, tag_names=tag_names, dropped=dropped, refused=refused)
 
     def _tag_names(self, ann: Annotations, path: str) -> list[str]:
         order = self.builder_config.tag_order

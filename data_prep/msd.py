@@ -13,7 +13,9 @@ pickles, read with ``encoding='latin1'`` and a restricted unpickler, see :func:`
 
 and the audio, found (first match wins) at ``<root>/<7digital path>`` or in the MSD-id layout
 ``<root>/<id[2]>/<id[3]>/<id[4]>/<id>.mp3``, where ``<root>`` is the manual dir or its ``audio``
-sub-folder. Tracks without audio are reported as skipped (most collections are incomplete).
+sub-folder. Tracks without audio are reported as skipped (most collections are incomplete). A
+track whose path (from the pickles) is absolute or leads outside the manual dir, links followed,
+is refused, listed in the build's summary and never read (``common.confine``).
 """
 
 from __future__ import annotations
@@ -99,13 +101,24 @@ def _expect(obj: Any, kind: type, path: str) -> Any:
     return obj
 
 
-def audio_candidates(root: str, msd_id: str, seven_d_path: str | None) -> list[str]:
-    """Where a track's audio may be, in the order they are tried."""
-    roots = [root, os.path.join(root, "audio")]
+def relative_candidates(msd_id: str, seven_d_path: str | None) -> list[str]:
+    """Where a track's audio may be, relative to the manual dir, in the order they are tried."""
     rels = [seven_d_path] if seven_d_path else []
     if len(msd_id) >= 5:
-        rels.append(os.path.join(msd_id[2], msd_id[3], msd_id[4], msd_id + ".mp3"))
-    return [os.path.join(r, rel) for rel in rels for r in roots]
+        rels.append("/".join((msd_id[2], msd_id[3], msd_id[4], msd_id + ".mp3")))
+    return [f"{prefix}{rel}" for rel in rels for prefix in ("", "audio/")]
+
+
+def audio_candidates(root: str, msd_id: str, seven_d_path: str | None) -> list[str]:
+    """Where a track's audio may be, in the order they are tried."""
+    return [os.path.join(root, rel) for rel in relative_candidates(msd_id, seven_d_path)]
+
+
+def find_audio(root: str, msd_id: str, seven_d_path: str | None) -> common.ConfinedPath | None:
+    """The first candidate that is a file, or None; ``common.UnsafePathError`` when one of them
+    is absolute or leads outside ``root`` (the track is then refused, whatever else exists)."""
+    confined = [common.confine(root, rel) for rel in relative_candidates(msd_id, seven_d_path)]
+    return next((c for c in confined if os.path.isfile(c.real)), None)
 
 
 class Msd(base.MelDatasetBuilder):
@@ -147,7 +160,7 @@ class Msd(base.MelDatasetBuilder):
             ("validation", train_ids[TRAIN_SIZE:]),
             ("test", test_ids),
         ]
-        clips, skipped, dropped = [], {}, {}
+        clips, skipped, dropped, refused = [], {}, {}, {}
         for split, ids in splits:
             for msd_id in ids:
                 if msd_id not in vectors:
@@ -159,13 +172,25 @@ class Msd(base.MelDatasetBuilder):
                         f"{p[TAG_VECTORS]}: {msd_id} has {tags.size} tags, expected 50"
                     )
                 rel_7d = to_path.get(to_7d.get(msd_id))
-                found = [c for c in audio_candidates(manual, msd_id, rel_7d) if os.path.isfile(c)]
-                if not found:
+                if rel_7d is not None and not isinstance(rel_7d, str):
+                    raise common.DataError(
+                        f"{p[SEVEN_D_TO_PATH]}: the path of {msd_id} is a "
+                        f"{type(rel_7d).__name__}, not a string"
+                    )
+                try:
+                    found = find_audio(manual, str(msd_id), rel_7d)
+                except common.UnsafePathError as e:
+                    refused[str(msd_id)] = str(e)
+                    continue
+                if found is None:
                     skipped[msd_id] = "no audio file (7digital path or MSD-id layout)"
                     continue
-                rel = os.path.relpath(found[0], manual)
-                job = common.file_job(found[0], name=f"{msd_id} ({rel})")
-                clips.append(base.Clip(split, msd_id, job, tags, path=rel))
+                job = common.file_job(found.real, name=f"{msd_id} ({found.name})")
+                clips.append(base.Clip(split, msd_id, job, tags, path=found.name))
         return base.Collection(
-            clips=clips, tag_names=list(MSD_TOP50), dropped=dropped, skipped=skipped
+            clips=clips,
+            tag_names=list(MSD_TOP50),
+            dropped=dropped,
+            skipped=skipped,
+            refused=refused,
         )

@@ -9,6 +9,9 @@ process reads only its contiguous share of the split (``split[a:b]``).
 The chunking math is :mod:`jaxtag.audio`'s, written as TF ops here (:func:`tf_pad_to`,
 :func:`tf_crop`, :func:`tf_eval_chunks`) and tested equal to the numpy versions.
 
+A shard damaged on disk (TF's ``DataLossError``, whose message names no file) ends the iterators
+in a :class:`DamagedShardError` naming the shard (found by reading each shard of the split).
+
 TensorFlow is kept off accelerators (``tf.config.set_visible_devices([], 'GPU')`` at import): JAX
 owns them; tensorflow-cpu is enough.
 """
@@ -26,6 +29,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from jaxtag import audio
+from jaxtag.errors import JaxtagError
 
 
 def _hide_accelerators_from_tf() -> None:
@@ -203,6 +207,37 @@ def _read(
     return builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read_config)
 
 
+class DamagedShardError(JaxtagError):
+    """A TFRecord shard of a built dataset cannot be read; the message names it."""
+
+
+def _damaged(shard: str) -> bool:
+    """Whether a record of ``shard`` fails TF's length or CRC checks (each read, none parsed)."""
+    try:
+        tf.data.TFRecordDataset(shard).reduce(np.int64(0), lambda n, _: n + 1)
+    except (tf.errors.DataLossError, tf.errors.NotFoundError):
+        return True
+    return False
+
+
+def _named_damage(
+    batches: Iterator[Any], builder: tfds.core.DatasetBuilder, split: str
+) -> Iterator[Any]:
+    """``batches``; TF's ``DataLossError`` (naming no file) as a DamagedShardError naming it."""
+    try:
+        yield from batches
+    except tf.errors.DataLossError as err:
+        # TF says e.g. "{{function_node ...}} corrupted record at 122135 [Op:IteratorGetNext]".
+        detail = re.sub(r"\{\{.*?\}\}", "", err.message or "").split("[Op:")[0].strip()
+        shards = sorted(map(os.fspath, builder.info.splits[split.split("[")[0]].filepaths))
+        bad = ", ".join(filter(_damaged, shards))  # every record of every shard checked
+        where = bad or f"{builder.data_dir} (one of {', '.join(map(os.path.basename, shards))})"
+        raise DamagedShardError(
+            f"{where}: damaged TFRecord shard of split {split} ({detail or 'unreadable'}); delete "
+            f"{builder.data_dir} and build the dataset again"
+        ) from err
+
+
 def _tags(example: dict[str, tf.Tensor], num_tags: int) -> tf.Tensor:
     # ensure_shape: audio_folder stores a dynamic-length vector (its vocabulary is data-defined).
     return tf.ensure_shape(tf.cast(example["tags"], tf.float32), [num_tags])
@@ -327,7 +362,8 @@ def train_iterator(
     ``audio.pad_to`` does); passes repeat forever; the shard files and then a buffer of
     ``min(shuffle_buffer, share size)`` crops are shuffled (the buffer spans pass boundaries).
     This process reads only its share of ``split`` (see :func:`process_split`). ``cache``: keep the
-    decoded share in memory (default: if its shards total at most ``CACHE_MAX_BYTES``).
+    decoded share in memory (default: if its shards total at most ``CACHE_MAX_BYTES``). A damaged
+    shard raises :class:`DamagedShardError` naming it.
     """
     ds = train_dataset(
         builder,
@@ -341,7 +377,7 @@ def train_iterator(
         shuffle_buffer=shuffle_buffer,
         cache=cache,
     )
-    yield from ds.as_numpy_iterator()
+    yield from _named_damage(ds.as_numpy_iterator(), builder, split)
 
 
 def eval_num_batches(
@@ -374,7 +410,8 @@ def eval_iterator(
     per_device, EVAL_CHUNKS, N_MELS, CHUNK_FRAMES], 'tags': float32 [..., num_tags], 'mask': bool
     [num_local_devices, per_device], 'clip_id': bytes object array [num_local_devices,
     per_device]}``. Padding entries (zeros, ``mask`` False, ``clip_id`` b'') fill the last batches
-    so that every process yields :func:`eval_num_batches` batches.
+    so that every process yields :func:`eval_num_batches` batches. A damaged shard raises
+    :class:`DamagedShardError` naming it.
     """
     per_process = _per_device(batch_size, process_count, num_local_devices) * num_local_devices
     steps = eval_num_batches(
@@ -409,4 +446,4 @@ def eval_iterator(
     ds = ds.map(
         lambda b: _split_devices(b | {"mel": tf.cast(b["mel"], tf.float32)}, num_local_devices)
     )
-    yield from ds.prefetch(2).as_numpy_iterator()
+    yield from _named_damage(ds.prefetch(2).as_numpy_iterator(), builder, split)
