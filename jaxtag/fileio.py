@@ -1,24 +1,46 @@
 """Writing files safely: atomic writes (a file whole or not at all), output checks before work,
-and one writer per output (an exclusive advisory lock)."""
+and one writer per output (an exclusive advisory lock).
+
+What the `jaxtag` commands rely on (jaxtag/cli/):
+
+- `check_outputs` refuses, before any work, an output path that is a directory, a device or
+  another non-regular file, in a folder that cannot be written, the same file as one of the
+  inputs (compared by `os.stat` device and inode, so also through symbolic and hard links), or
+  given twice. Whether an existing file is the writer's own is for the writer to judge
+  (jaxtag/result_files.py, the commands' own checks) before it changes anything.
+- `atomic_write` leaves the old file whole on any failure (disk full included) and no
+  temporary file behind; its OSError names the file.
+- `exclusive_lock` lets one process at a time write an output.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from jaxtag.errors import JaxtagError
 
 
+class OutputError(JaxtagError):
+    """An output path that must not be written: a directory, an input, another program's file."""
+
+
 def unwritable_reason(path: str | os.PathLike) -> str | None:
-    """Why `path` cannot be written as a file, or None: it is a directory, or the nearest existing
-    folder on its way is a file or not writable. Commands check before their long work."""
+    """Why `path` cannot be written as a file, or None: it is a directory or another non-regular
+    file, a read-only file, or the nearest existing folder on its way is a file or not writable.
+    Commands check before their long work."""
     path = Path(path)
     if path.is_dir():
         return f"{path} is a directory"
+    if path.exists():
+        if not path.is_file():
+            return f"{path} is not a regular file (a device, a pipe or a socket)"
+        if not os.access(path, os.W_OK):
+            return f"{path} is not writable"
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
@@ -27,6 +49,53 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
                 return f"{path}: {parent} is not writable"
             break
     return None
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """`(st_dev, st_ino)` of the file that `path` names (links followed), None if there is none."""
+    try:
+        info = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL in the name
+        return None
+    return info.st_dev, info.st_ino
+
+
+def check_outputs(
+    outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike] = ()
+) -> None:
+    """Refuses output paths that must not be written, before any work (see the module docstring).
+
+    Raises:
+      OutputError: one line naming the output and what is wrong with it.
+    """
+    by_identity: dict[tuple[int, int], str] = {}
+    for item in inputs:
+        identity = file_identity(item)
+        if identity is not None:
+            by_identity.setdefault(identity, os.fspath(item))
+    seen: dict[Any, str] = {}
+    for output in outputs:
+        name = os.fspath(output)
+        problem = unwritable_reason(name)
+        if problem:
+            raise OutputError(problem)
+        identity = file_identity(name)
+        if identity in by_identity:
+            raise OutputError(
+                f"{name} is the input {by_identity[identity]} (the same file); writing it would "
+                "destroy the input, so nothing was done: choose another output path"
+            )
+        key = identity or os.path.realpath(name)
+        if key in seen:
+            raise OutputError(f"{name} and {seen[key]} are the same file: give each output its own")
+        seen[key] = name
+
+
+def with_filename(err: OSError, path: str | os.PathLike) -> OSError:
+    """`err` with `path` as its file name when it has none (a failed write names no file)."""
+    if err.filename is not None or err.errno is None:
+        return err
+    return type(err)(err.errno, err.strerror or str(err), os.fspath(path))
 
 
 def _file_mode(path: Path) -> int:
@@ -43,8 +112,9 @@ def _file_mode(path: Path) -> int:
 def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -> Iterator[IO]:
     """Opens a temporary file beside `path`; on a clean exit it replaces `path` in one rename.
 
-    On an exception the temporary file is removed and `path` keeps its previous content. The
-    parent directory is created if missing. `mode` is "w" (text) or "wb" (bytes).
+    On an exception the temporary file is removed and `path` keeps its previous content; an
+    OSError (a full disk...) names `path`. The parent directory is created if missing. `mode` is
+    "w" (text) or "wb" (bytes).
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
@@ -58,10 +128,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: Any) -
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        named = with_filename(err, path) if isinstance(err, OSError) else err
+        if named is err:
+            raise
+        raise named from err
 
 
 class LockedError(JaxtagError):

@@ -89,11 +89,17 @@ def test_bad_checkpoint_or_output_is_one_line_and_keeps_old_file(
     small_checkpoint, tmp_path, capsys
 ):
     out = tmp_path / "model.onnx"
-    out.write_bytes(b"previous export")
     assert cli.main(["export", str(tmp_path / "missing"), str(out)]) == 2
     err = capsys.readouterr().err
     assert "missing" in err and len(err.strip().splitlines()) == 1
-    assert out.read_bytes() == b"previous export"
+    assert not out.exists()
+    # An existing file is replaced only with --overwrite, and only if it is an ONNX model.
+    out.write_bytes(b"previous export")
+    for extra, words in [([], "already exists"), (["--overwrite"], "not an ONNX model")]:
+        assert cli.main(["export", str(small_checkpoint), str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1
+        assert out.read_bytes() == b"previous export"
 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")

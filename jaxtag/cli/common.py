@@ -1,13 +1,19 @@
 """What the `jaxtag` commands share: argument types, the input options, error handling, the
-resumable result-file runs and the train extra's check."""
+resumable result-file runs and the train extra's check.
+
+Every command runs its body in `guarded`: bad input, a full disk or an unwritable path is one
+line `jaxtag CMD: MESSAGE` and exit 2, Ctrl-C one line and exit 130, a closed stdout (`| head`)
+exit 141 without a word. `run_to_files` holds every result file's lock (`ResultFile.locked`,
+`fileio.exclusive_lock`) for the whole run and reads them all (`inspect`) before it writes any."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from jaxtag import audio, scoring
@@ -91,19 +97,51 @@ def input_paths(args: argparse.Namespace) -> list[str]:
     return paths
 
 
-def guarded(command: str, body: Callable[[], int]) -> int:
+def guarded(
+    command: str,
+    body: Callable[[], int],
+    interrupted: str = "interrupted; rerun the same command to continue",
+) -> int:
     """Runs a command's body: bad input is one line `COMMAND: MESSAGE` and exit code 2; Ctrl-C
-    keeps what was written (exit 130); a closed stdout ends quietly (exit 141)."""
+    is one line `COMMAND: INTERRUPTED` and exit 130 (also when a library turned it into an error
+    of its own: pybind11 makes an ImportError of one during a module's import); a closed stdout
+    ends quietly (exit 141)."""
+    from jaxtag.cli import INTERRUPTED
+
     try:
-        return body()
-    except (JaxtagError, OSError) as err:
-        if isinstance(err, BrokenPipeError):
-            return quiet_broken_pipe()
-        print(f"{command}: {err}", file=sys.stderr)
-        return 2
+        code = body()
+        sys.stdout.flush()  # here, not at exit: a reader gone (`| head -3`) is a quiet 141
+        return code
     except KeyboardInterrupt:
-        print(f"\n{command}: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
+        pass
+    except Exception as err:
+        if INTERRUPTED.is_set():
+            pass
+        elif isinstance(err, BrokenPipeError):
+            return quiet_broken_pipe()
+        elif isinstance(err, JaxtagError | OSError):
+            print(f"{command}: {describe_error(err)}", file=sys.stderr)
+            return 2
+        else:
+            raise
+    print(f"\n{command}: {interrupted}", file=sys.stderr)
+    return 130
+
+
+def describe_error(err: BaseException) -> str:
+    """An error as the commands print it: an OSError as `FILE: what happened` (`[Errno 28]
+    ...` reads worse), a JaxtagError as its message."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        other = f" -> {err.filename2}" if err.filename2 is not None else ""
+        return f"{err.filename}{other}: {err.strerror}"
+    return str(err)
+
+
+def check_outputs(outputs: Iterable[str | None], inputs: Iterable[str]) -> None:
+    """`fileio.check_outputs` on the outputs given (None: an option not given), before any work."""
+    from jaxtag.fileio import check_outputs as check
+
+    check([o for o in outputs if o], [i for i in inputs if i])
 
 
 def quiet_broken_pipe() -> int:
@@ -125,21 +163,27 @@ def run_to_files(
 ) -> int:
     """Scores `paths` (`output`: "probabilities" or a layer) into resumable result files,
     skipping files they already hold; lists unreadable files with the reason. Returns the exit
-    code (1 if a file failed)."""
-    done = [out.done() for out in outputs]
-    todo = [p for p in paths if not all(p in d for d in done)]
-    windows = any(out.needs_windows for out in outputs)
-    failed = 0
-    for result in tagger.score(todo, output, windows, progress=sys.stderr.isatty()):
-        if result.error:
-            failed += 1
-            print(f"{command}: error: {result.error}", file=sys.stderr)
-            continue
-        for out, already in zip(outputs, done, strict=True):
-            if result.path not in already:
-                out.write(result.record())
-    for out in outputs:
-        out.finish()
+    code (1 if a file failed). Every output is locked for the whole run and every existing one
+    recognised (`inspect`) before any is changed."""
+    with contextlib.ExitStack() as locks:
+        for out in outputs:
+            locks.enter_context(out.locked())
+        for out in outputs:
+            out.inspect()  # a file that is not this run's stops the run before anything is written
+        done = [out.done() for out in outputs]
+        todo = [p for p in paths if not all(p in d for d in done)]
+        windows = any(out.needs_windows for out in outputs)
+        failed = 0
+        for result in tagger.score(todo, output, windows, progress=sys.stderr.isatty()):
+            if result.error:
+                failed += 1
+                print(f"{command}: error: {result.error}", file=sys.stderr)
+                continue
+            for out, already in zip(outputs, done, strict=True):
+                if result.path not in already:
+                    out.write(result.record())
+        for out in outputs:
+            out.finish()
     names = ", ".join(str(out.path) for out in outputs)
     skipped = len(paths) - len(todo)
     print(

@@ -9,7 +9,9 @@ runs other layers with jax.
 The `.npz` holds `paths` (N,), `durations` (N,), `embeddings` (N, D) float32 and `layer`; with
 `--per-window` also `window_embeddings` (W, D), `window_starts` (W,) seconds and
 `window_file_index` (W,). It is written atomically at the end; a rerun with the same `--out`
-resumes an interrupted run (jaxtag/result_files.py). Unreadable files are listed; exit code 1.
+resumes an interrupted run (jaxtag/result_files.py). `--out` is checked before any work (not a
+directory, not an input, not another program's file) and locked for the whole run. Unreadable
+files are listed; exit code 1.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     def body() -> int:
         import jaxtag
-        from jaxtag.result_files import NpzFile
+        from jaxtag.result_files import NpzFile, sidecar_path
 
         paths = common.input_paths(args)
+        outputs_given = [args.out, str(sidecar_path(args.out))]
+        common.check_outputs(outputs_given, [*paths, args.checkpoint])  # before any work
         tagger = jaxtag.load(args.checkpoint, engine=args.engine, batch_size=args.batch_size)
         if args.layer not in tagger.layers:
             raise JaxtagError(f"--layer {args.layer!r}: this model has {', '.join(tagger.layers)}")

@@ -41,4 +41,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {i:3d} {tag}")
         return 0
 
-    return common.guarded("jaxtag info", body)
+    return common.guarded("jaxtag info", body, "interrupted")

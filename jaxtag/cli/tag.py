@@ -2,7 +2,10 @@
 
 A file's tags are the mean of its windows' probabilities (`Tagger.predict`: the 16-chunk
 evaluation protocol up to 31 s, adjacent ~4.1 s windows beyond); `--segments` also prints every
-window's tags. `--csv`, `--jsonl` and `--taggram` write result files that a rerun resumes.
+window's tags. `--csv`, `--jsonl` and `--taggram` write result files that a rerun resumes
+(jaxtag/result_files.py): each is checked before any work (not a directory, not one of the
+inputs, not another program's file) and locked for the whole run (a second `jaxtag tag` writing
+the same file stops at once, naming the first one's PID).
 Windows of several files share one batch and long files are decoded block by block, so memory
 stays bounded. A file that cannot be read is reported and skipped (exit code 1).
 """
@@ -101,9 +104,12 @@ def _print_results(tagger, paths: list[str], args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     def body() -> int:
         import jaxtag
-        from jaxtag.result_files import CsvFile, JsonlFile, NpzFile, ResultFile
+        from jaxtag.result_files import CsvFile, JsonlFile, NpzFile, ResultFile, sidecar_path
 
         paths = common.input_paths(args)
+        sidecar = args.taggram and str(sidecar_path(args.taggram))
+        outputs_given = [args.csv, args.jsonl, args.taggram, sidecar]
+        common.check_outputs(outputs_given, [*paths, args.checkpoint])  # before any work
         tagger = jaxtag.load(args.checkpoint, engine=args.engine, batch_size=args.batch_size)
         outputs: list[ResultFile] = []
         if args.csv:
