@@ -1,4 +1,9 @@
-"""Fields every training config shares; the dataset configs override what differs."""
+"""Fields every training config shares; the dataset configs override what differs.
+
+Every value is checked when a run starts, before anything is written (jaxtag/run_config.py):
+batch sizes positive multiples of the device count, intervals and epochs >= 1, learning rates
+finite and positive, the splits present in the dataset; one line lists every bad field.
+"""
 
 from __future__ import annotations
 

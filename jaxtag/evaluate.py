@@ -3,6 +3,10 @@
 The model scores every chunk of a clip, the sigmoid outputs are averaged over the chunks, then
 scikit-learn scores each tag. A tag with no positive (or no negative) clip in the split has no
 defined ROC-AUC; it is reported and left out of the macro averages instead of crashing.
+
+Reports go beside checkpoints, never inside (orbax's rotation deletes a step folder with all it
+holds): `default_report_path` names the file, `check_report_path` refuses before any work a path
+that cannot be written, lies inside a checkpoint, or is a file other than a jaxtag report.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import flax.jax_utils
@@ -19,7 +25,8 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 from tqdm import tqdm
 
-from jaxtag.fileio import atomic_write
+from jaxtag.errors import JaxtagError
+from jaxtag.fileio import atomic_write, unwritable_reason
 from jaxtag.model import MTSA, build_model
 
 PredictFn = Callable[[Any, jax.Array], jax.Array]
@@ -180,6 +187,58 @@ def evaluate_split(
     if output_order is not None:
         probs = probs[:, output_order]
     return compute_metrics(probs, labels, tag_names)
+
+
+REPORT_KEYS = ("checkpoint", "dataset", "split", "roc_auc")  # what evaluate_checkpoint reports
+STORES = ("latest", "best")  # a training workdir's step folders (jaxtag/checkpoint.py)
+
+
+class ReportPathError(JaxtagError):
+    """A report path that cannot or must not be written (the message says why)."""
+
+
+def default_report_path(checkpoint_dir: str | os.PathLike, dataset: str, split: str) -> Path:
+    """Where `jaxtag-eval` writes the report of a resolved checkpoint folder by default.
+
+    A training workdir's step (`WORKDIR/checkpoints/{best,latest}/N`):
+    `WORKDIR/eval/eval_DATASET_SPLIT_stepN.json`; any other checkpoint folder `DIR`:
+    `DIR_eval_DATASET_SPLIT.json` beside it.
+    """
+    directory = Path(checkpoint_dir)
+    name = "eval_" + re.sub(r"[^\w.-]+", "_", f"{dataset}_{split}").strip("_")
+    store = directory.parent
+    if directory.name.isdigit() and store.name in STORES and store.parent.name == "checkpoints":
+        return store.parent.parent / "eval" / f"{name}_step{directory.name}.json"
+    return directory.with_name(f"{directory.name}_{name}.json")
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and set(REPORT_KEYS) <= set(report)
+
+
+def check_report_path(path: str | os.PathLike) -> None:
+    """Raises ReportPathError unless `path` can take a report: writable, not inside a checkpoint
+    folder, and either new or a jaxtag report already (then it is replaced)."""
+    path = Path(path).absolute()
+    reason = unwritable_reason(path)
+    if reason:
+        raise ReportPathError(f"cannot write the report: {reason}")
+    for parent in path.parents:
+        step = (parent / "variables").is_dir() and (parent / "meta").is_dir()
+        if step or (parent.name in STORES and parent.parent.name == "checkpoints"):
+            raise ReportPathError(
+                f"{path} is inside the checkpoint folder {parent}: reports go beside "
+                "checkpoints (rotation deletes what is inside); choose another --out"
+            )
+    if path.exists() and not _is_report(path):
+        raise ReportPathError(
+            f"{path} exists and is not a jaxtag eval report; it was left untouched (choose "
+            "another --out)"
+        )
 
 
 def write_report(metrics: Mapping[str, Any], path: str | os.PathLike) -> None:

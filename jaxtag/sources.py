@@ -26,6 +26,10 @@ class DataSource(Protocol):
     `eval_batches` is one pass over the validation clips: `{'mel': [devices, per_device, chunks,
     n_mels, frames], 'tags': ..., 'mask': bool [devices, per_device]}`, padding masked out, the
     same number of batches on every process.
+
+    Optional, read by the checks before a run (`jaxtag.run_config.validate`): `splits` (the
+    dataset's split names: the config's train and eval splits must be among them) and
+    `num_eval_examples` (the validation clips; a run needs at least one).
     """
 
     tags: list[str]
@@ -58,7 +62,17 @@ class TfdsSource:
             config.dataset, os.path.expanduser(config.data_dir)
         )
         self.tags = input_pipeline.tag_names(self.builder)
-        self.num_train_examples = input_pipeline.num_examples(self.builder, config.train_split)
+        # A missing split is counted as empty here and named by the checks before the run
+        # (jaxtag/run_config.py), with every other bad field, instead of one at a time.
+        self.splits = sorted(self.builder.info.splits.keys())
+
+        def count(split: str) -> int:
+            if split.split("[")[0] not in self.splits:
+                return 0
+            return input_pipeline.num_examples(self.builder, split)
+
+        self.num_train_examples = count(config.train_split)
+        self.num_eval_examples = count(config.eval_split)
         self.train_split, self.eval_split = config.train_split, config.eval_split
         self.crop_frames, self.shuffle_buffer = config.crop_frames, config.shuffle_buffer
 
@@ -117,7 +131,7 @@ class ArraySource:
         self.train_mel, self.train_tags = train_mel, np.asarray(train_tags, np.float32)
         self.eval_mel, self.eval_tags = eval_mel, np.asarray(eval_tags, np.float32)
         self.tags = list(tags)
-        self.num_train_examples = len(train_mel)
+        self.num_train_examples, self.num_eval_examples = len(train_mel), len(eval_mel)
 
     def train_batches(
         self, global_batch_size: int, seed: int, start_step: int

@@ -10,10 +10,15 @@ dropout keys are pure functions of (seed, step), a resumed run repeats the unint
 The loop keeps the devices busy: batches are put on the devices two steps ahead of use and the
 host waits for the devices only at log, validation and checkpoint points. It reads any
 `jaxtag.sources.DataSource`; TensorFlow is imported only for the default (TFDS) source.
+
+Before anything is written, every config value is checked and the workdir claimed (checked,
+created and locked for the whole run: jaxtag/run_config.py). A run whose workdir already holds
+its last step changes nothing; a resumed run's summary adds its time to the earlier calls'.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -29,12 +34,13 @@ import optax
 from flax.training import train_state
 from tqdm import tqdm
 
-from jaxtag import checkpoint, evaluate, optim
+from jaxtag import checkpoint, evaluate, optim, run_config
 from jaxtag.errors import JaxtagError
 from jaxtag.fileio import atomic_write
-from jaxtag.finetune import initial_variables
-from jaxtag.metric_log import MetricLog
+from jaxtag.finetune import initial_variables  # noqa: F401 (train.initial_variables: API)
+from jaxtag.metric_log import SUMMARY, MetricLog, SessionClock, earlier_sessions, run_summary
 from jaxtag.model import MTSA, ModelConfig, build_model, init_variables
+from jaxtag.run_config import Run, as_dict, resolve_run  # noqa: F401 (train.resolve_run: API)
 from jaxtag.sources import DataSource, TfdsSource
 
 AXIS = "batch"
@@ -49,59 +55,6 @@ class ResumeError(JaxtagError):
 class TrainState(train_state.TrainState):
     batch_stats: Any
     rng: jax.Array  # base key: dropout keys are folded from it, never split, so resume is exact
-
-
-def as_dict(config: Any) -> dict[str, Any]:
-    """A config (ml_collections ConfigDict, dict or plain object) as a plain dict."""
-    if hasattr(config, "to_dict"):
-        return config.to_dict()
-    if isinstance(config, Mapping):
-        return dict(config)
-    return {k: as_dict(v) if hasattr(v, "__dict__") else v for k, v in vars(config).items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """What a config and a data source resolve to (the config itself is never changed)."""
-
-    model: ModelConfig
-    tags: list[str]
-    steps_per_epoch: int
-    total_steps: int
-    end_step: int  # where this call stops (`stop_after_step`, else total_steps)
-    initial: dict[str, Any] | None  # variables to start from (init_checkpoint), else random
-
-
-def resolve_run(config: Any, source: DataSource, stop_after_step: int | None = None) -> Run:
-    if config.global_batch_size % jax.device_count():
-        raise ValueError(
-            f"global_batch_size {config.global_batch_size} is not divisible by the "
-            f"{jax.device_count()} devices"
-        )
-    requested = as_dict(config.model)
-    num_tags = requested.get("num_tags", -1)  # -1: as many outputs as the dataset has tags
-    if num_tags > 0 and num_tags != len(source.tags):
-        raise ValueError(
-            f"the dataset has {len(source.tags)} tags but config.model.num_tags is {num_tags}"
-        )
-    requested["num_tags"] = len(source.tags)
-    missing = sorted(set(ModelConfig().architecture()) - set(requested))
-    if missing and not config.init_checkpoint:
-        raise ValueError(
-            f"config.model has no {', '.join(missing)}: set config.init_checkpoint (this config "
-            "takes the architecture from the checkpoint it fine-tunes)"
-        )
-    initial = None
-    if config.init_checkpoint:
-        model, initial = initial_variables(config.init_checkpoint, requested, source.tags, config)
-    else:
-        model = ModelConfig.from_dict(requested)
-    steps_per_epoch = config.steps_per_epoch
-    if steps_per_epoch <= 0:
-        steps_per_epoch = max(source.num_train_examples // config.global_batch_size, 1)
-    total_steps = config.num_epochs * steps_per_epoch
-    end_step = total_steps if stop_after_step is None else min(stop_after_step, total_steps)
-    return Run(model, list(source.tags), steps_per_epoch, total_steps, end_step, initial)
 
 
 def create_train_state(
@@ -263,42 +216,61 @@ def evaluate_and_save(
     validator: Validator,
     store: checkpoint.CheckpointStore,
     metrics: MetricLog,
-    clock: dict[str, float],
+    clock: SessionClock,
 ) -> str | None:
     """Validation (when `validate`) and a checkpoint of `step`; a validated step also goes to
     `best/`. Returns a line for the progress bar. Times each part into `clock`."""
     jax.block_until_ready(state)  # the queued train steps count as training time
-    summary, line, start = None, None, time.perf_counter()
-    if validate:
-        summary = validator(state, step)
-        epoch = step // run.steps_per_epoch
-        metrics.write(
-            step,
-            {f"{config.eval_split}/{k}": summary[k] for k in ("roc_auc", "pr_auc")},
-            epoch=epoch,
+    summary, line = None, None
+    with clock.timing("validation"):
+        if validate:
+            summary = validator(state, step)
+            epoch = step // run.steps_per_epoch
+            metrics.write(
+                step,
+                {f"{config.eval_split}/{k}": summary[k] for k in ("roc_auc", "pr_auc")},
+                epoch=epoch,
+            )
+            line = (
+                f"epoch {epoch}: {config.eval_split} ROC-AUC {summary['roc_auc']:.4f} PR-AUC "
+                f"{summary['pr_auc']:.4f} (best {validator.best_metric:.4f} at step "
+                f"{validator.best_step})"
+            )
+    with clock.timing("checkpoint"):
+        metrics.flush()  # everything logged up to this checkpoint is on disk before it
+        meta = checkpoint.make_meta(
+            run.model,
+            run.tags,
+            step=step,
+            epoch=step // run.steps_per_epoch,
+            metrics=summary or {},
+            best_metric=validator.best_metric if validator.best_step is not None else None,
+            best_step=validator.best_step,
+            dataset=config.dataset,
+            sessions=clock.sessions(step),  # a resume from here keeps the time spent so far
+            last_eval=validator.last,
         )
-        line = (
-            f"epoch {epoch}: {config.eval_split} ROC-AUC {summary['roc_auc']:.4f} PR-AUC "
-            f"{summary['pr_auc']:.4f} (best {validator.best_metric:.4f} at step "
-            f"{validator.best_step})"
-        )
-    clock["validation"] += time.perf_counter() - start
-    start = time.perf_counter()
-    metrics.flush()  # everything logged up to this checkpoint is on disk before it
-    meta = checkpoint.make_meta(
-        run.model,
-        run.tags,
-        step=step,
-        epoch=step // run.steps_per_epoch,
-        metrics=summary or {},
-        best_metric=validator.best_metric if validator.best_step is not None else None,
-        best_step=validator.best_step,
-        dataset=config.dataset,
-    )
-    score = None if summary is None else summary[checkpoint.BEST_METRIC]
-    store.save(step, *checkpoint_items(host_state(state)), meta, score=score)
-    clock["checkpoint"] += time.perf_counter() - start
+        score = None if summary is None else summary[checkpoint.BEST_METRIC]
+        try:
+            store.save(step, *checkpoint_items(host_state(state)), meta, score=score)
+        except (OSError, ValueError, RuntimeError) as err:  # orbax: often the previous save's
+            if isinstance(err, JaxtagError):
+                raise
+            raise run_config.write_error(f"a checkpoint in {store.root}", err) from err
     return line
+
+
+def close_store(store: checkpoint.CheckpointStore, failing: bool) -> None:
+    """Waits for the pending saves and closes `store`. A failed save is a WriteError, unless the
+    run already fails: then that first error is the one to report."""
+    try:
+        store.wait()
+        store.close()
+    except Exception as err:
+        with contextlib.suppress(Exception):
+            store.close()
+        if not failing:
+            raise run_config.write_error(f"a checkpoint in {store.root}", err) from err
 
 
 def train_and_evaluate(
@@ -313,11 +285,21 @@ def train_and_evaluate(
     attributes). `source`: where batches come from (default: the TFDS dataset the config names).
     `stop_after_step` ends this call early, as a time-boxed or preempted job would, after
     writing a checkpoint; the schedule still spans the whole run, and a later call resumes.
-    Raises ResumeError when the workdir holds a run this config cannot continue.
+    A workdir already at its last step (or at `stop_after_step`) is left as it is and its summary
+    returned. Raises, before anything is written: `run_config.ConfigError` (every bad config
+    field), `run_config.WorkdirError` or `fileio.LockedError` (another run holds the workdir),
+    ResumeError (the workdir holds a run this config cannot continue); during the run:
+    `run_config.WriteError` (a checkpoint or log that cannot be written) or OSError.
     """
     workdir = Path(workdir).absolute()
     source = source if source is not None else TfdsSource(config)
+    run_config.validate(config, source)
     run = resolve_run(config, source, stop_after_step)
+    with run_config.claim_workdir(workdir):
+        return _train_in_workdir(config, workdir, run, source)
+
+
+def _train_in_workdir(config: Any, workdir: Path, run: Run, source: DataSource) -> dict[str, Any]:
     tx, schedule = optim.create_optimizer(config, run.steps_per_epoch, run.total_steps)
     if config.freeze_backbone:
         tx = optim.freeze_backbone(tx)
@@ -326,9 +308,14 @@ def train_and_evaluate(
         run.model, tx, config.seed, config.crop_frames, run.initial, front_end
     )
     is_main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
     store = checkpoint.CheckpointStore(workdir, config.keep_best)
+    done = False
     try:
+        at = store.latest_step()
+        if at is not None and at >= run.end_step:
+            summary = nothing_to_do(store, run, config, workdir, at)
+            done = True
+            return summary
         state, meta = resume(store, state, run, workdir)
         if is_main:
             with atomic_write(workdir / "config.json") as f:
@@ -337,25 +324,63 @@ def train_and_evaluate(
                 )
         model = build_model(run.model, front_end=front_end)
         validator = Validator(source, model, config.eval_batch_size, config.eval_split)
-        validator.best_step = meta.get("best_step")
+        validator.best_step, validator.last = meta.get("best_step"), meta.get("last_eval")
         if validator.best_step is not None:
             validator.best_metric = meta["best_metric"]
-        summary = train_loop(config, run, state, schedule, source, validator, store, workdir)
+        start = int(state.step)
+        earlier = earlier_sessions(workdir, start, meta) if meta else []
+        clock = SessionClock(start, config.global_batch_size, earlier)
+        train_loop(config, run, state, schedule, source, validator, store, workdir, clock)
+        with clock.timing("checkpoint"):
+            store.wait()  # the last save is on disk before the summary says so
+        done = True
     finally:
-        store.wait()
-        store.close()
-    summary.update(
-        epochs=config.num_epochs,
-        best_step=validator.best_step,
-        **{f"best_{config.eval_split}_{checkpoint.BEST_METRIC}": validator.best_metric},
-        workdir=str(workdir),
-    )
+        close_store(store, failing=not done)
+    summary = run_summary(
+        run.end_step, run.total_steps, clock.sessions(run.end_step), config, workdir,
+        last_eval=validator.last, best_step=validator.best_step, best=validator.best_metric,
+    )  # fmt: skip
     if is_main:
         status = (
             "finished" if run.end_step == run.total_steps else "stopped early (rerun to resume)"
         )
         print(f"Training {status}:", json.dumps(summary, indent=2))
-        evaluate.write_report(summary, workdir / "train_summary.json")
+        evaluate.write_report(summary, workdir / SUMMARY)
+    return summary
+
+
+def nothing_to_do(
+    store: checkpoint.CheckpointStore, run: Run, config: Any, workdir: Path, step: int
+) -> dict[str, Any]:
+    """The summary of a workdir already at `step` >= this call's end: train_summary.json when it
+    is of that step, else one rebuilt from the checkpoint's meta (and then written)."""
+    try:
+        meta = store.latest_meta()
+    except checkpoint.CheckpointError as err:
+        raise ResumeError(f"cannot resume: {err}") from err
+    check_resumable(workdir, meta, run)
+    try:
+        summary = json.loads((workdir / SUMMARY).read_text())
+        stale = not isinstance(summary, dict) or summary.get("step") != step
+    except (OSError, ValueError):
+        stale = True
+    if stale:  # killed after its last checkpoint, before the summary
+        sessions = meta.get("sessions") if isinstance(meta.get("sessions"), list) else []
+        summary = run_summary(
+            step, run.total_steps, sessions, config, workdir, last_eval=meta.get("last_eval"),
+            best_step=meta.get("best_step"), best=meta.get("best_metric"),
+        )  # fmt: skip
+    if jax.process_index() == 0:
+        if stale:
+            evaluate.write_report(summary, workdir / SUMMARY)
+        if run.end_step == run.total_steps:
+            print(
+                f"Training already finished at step {step} in {workdir}: nothing to do (its "
+                f"summary: {workdir / SUMMARY}; raise num_epochs to train longer)."
+            )
+        else:
+            print(f"Nothing to train: {workdir} is at step {step}, this call stops at step "
+                  f"{run.end_step}.")  # fmt: skip
     return summary
 
 
@@ -368,9 +393,10 @@ def train_loop(
     validator: Validator,
     store: checkpoint.CheckpointStore,
     workdir: Path,
-) -> dict[str, Any]:
+    clock: SessionClock,
+) -> None:
     """Steps from `state.step` to `run.end_step`; the host waits for the devices only at log,
-    validation and checkpoint points."""
+    validation and checkpoint points. Times each part into `clock`."""
     start_step = int(state.step)
     # Inputs laid out on a mesh named like pmap's outputs: the second step reuses the first
     # step's compiled program instead of compiling again for a differently named layout.
@@ -379,58 +405,43 @@ def train_loop(
     batches = source.train_batches(config.global_batch_size, config.seed, start_step)
     batches = flax.jax_utils.prefetch_to_device(batches, PREFETCH, axis_name=AXIS)
     metrics = MetricLog(workdir, start_step)
-    clock = {"first_step": 0.0, "validation": 0.0, "checkpoint": 0.0}
     bar = tqdm(total=run.total_steps, initial=start_step, desc="train", unit="step",
                disable=jax.process_index() != 0, dynamic_ncols=True)  # fmt: skip
-    t_start = window_start = time.perf_counter()
-    for step in range(start_step, run.end_step):
-        state, step_metrics = p_train_step(state, next(batches))
-        done, epoch_end = step + 1, (step + 1) % run.steps_per_epoch == 0
-        if step == start_step:  # compile + first step, kept out of the throughput
-            jax.block_until_ready(state)
-            clock["first_step"] = time.perf_counter() - t_start
-            window_start, window_first = time.perf_counter(), done
-        bar.update(1)
-        if done % config.log_every_steps == 0 or done == run.total_steps:
-            scalars = {k: float(v[0]) for k, v in jax.device_get(step_metrics).items()}
-            now = time.perf_counter()
-            scalars["examples_per_second"] = (
-                (done - window_first) * config.global_batch_size / max(now - window_start, 1e-9)
+    try:  # the bar ends its line before an interruption or error is reported
+        for step in range(start_step, run.end_step):
+            state, step_metrics = p_train_step(state, next(batches))
+            done, epoch_end = step + 1, (step + 1) % run.steps_per_epoch == 0
+            if step == start_step:  # set-up, compile and first step, kept out of the throughput
+                jax.block_until_ready(state)
+                clock.seconds["first_step"] = time.perf_counter() - clock.start
+                window_start, window_first = time.perf_counter(), done
+            bar.update(1)
+            if done % config.log_every_steps == 0 or done == run.total_steps:
+                scalars = {k: float(v[0]) for k, v in jax.device_get(step_metrics).items()}
+                now = time.perf_counter()
+                scalars["examples_per_second"] = (
+                    (done - window_first) * config.global_batch_size / max(now - window_start, 1e-9)
+                )
+                window_start, window_first = now, done
+                bar.set_postfix(
+                    loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.1f}"
+                )
+                metrics.write(
+                    done,
+                    {f"train/{k}": v for k, v in scalars.items()},
+                    epoch=done / run.steps_per_epoch,
+                )
+            validate = epoch_end and (
+                (done // run.steps_per_epoch) % config.eval_every_epochs == 0
+                or done == run.total_steps
             )
-            window_start, window_first = now, done
-            bar.set_postfix(
-                loss=f"{scalars['loss']:.4f}", ex_s=f"{scalars['examples_per_second']:.1f}"
-            )
-            metrics.write(
-                done,
-                {f"train/{k}": v for k, v in scalars.items()},
-                epoch=done / run.steps_per_epoch,
-            )
-        validate = epoch_end and (
-            (done // run.steps_per_epoch) % config.eval_every_epochs == 0 or done == run.total_steps
-        )
-        if epoch_end or done % config.checkpoint_every_steps == 0 or done == run.end_step:
-            line = evaluate_and_save(
-                state, done, validate, run, config, validator, store, metrics, clock
-            )
-            if line:
-                bar.write(line)
+            if epoch_end or done % config.checkpoint_every_steps == 0 or done == run.end_step:
+                line = evaluate_and_save(
+                    state, done, validate, run, config, validator, store, metrics, clock
+                )
+                if line:
+                    bar.write(line)
+    finally:
+        bar.close()
     jax.block_until_ready(state)
-    bar.close()
     metrics.close()
-    wall = time.perf_counter() - t_start
-    train_seconds = wall - sum(clock.values())
-    steps = run.end_step - start_step
-    return {
-        "step": run.end_step,
-        "total_steps": run.total_steps,
-        "wall_seconds": round(wall, 1),
-        "train_seconds": round(train_seconds, 3),
-        "first_step_seconds": round(clock["first_step"], 3),
-        "validation_seconds": round(clock["validation"], 3),
-        "checkpoint_seconds": round(clock["checkpoint"], 3),
-        "examples_per_second": max(steps - 1, 0)
-        * config.global_batch_size
-        / max(train_seconds, 1e-9),
-        "last_eval": validator.last,
-    }

@@ -3,6 +3,7 @@ on a normal run, one-line errors (no traceback) for user mistakes."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -73,12 +74,15 @@ def demo_run(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProc
             cache,
         ),  # fmt: skip
     }
-    results["train"] = run(
-        ["run_train.py", "--config", "configs/demo.py", "--workdir", str(workdir),
-         f"--config.data_dir={data}", "--config.num_epochs=1", "--config.steps_per_epoch=2",
-         "--config.eval_batch_size=6", *TINY_MODEL],
-        cache,
-    )  # fmt: skip
+    train = ["run_train.py", "--config", "configs/demo.py", "--workdir", str(workdir),
+             f"--config.data_dir={data}", "--config.num_epochs=1", "--config.steps_per_epoch=2",
+             "--config.eval_batch_size=6", *TINY_MODEL]  # fmt: skip
+    results["train"] = run(train, cache)
+    if (workdir / "train_summary.json").exists():
+        (root / "summary_before_rerun.json").write_bytes(
+            (workdir / "train_summary.json").read_bytes()
+        )
+    results["rerun"] = run(train, cache)  # `make demo` twice
     results["eval"] = run(
         ["run_eval.py", "--checkpoint", str(workdir), "--dataset", "synthetic_tags",
          "--data_dir", str(data), "--split", "test", "--batch_size", "6"],
@@ -96,6 +100,47 @@ def test_normal_runs_print_only_jaxtags_own_output(demo_run, stage):
     assert_quiet(result)
     expected = {"build": "clips written: 60", "train": "Training finished", "eval": "macro"}
     assert expected[stage] in result.stdout
+
+
+@pytest.mark.slow  # the demo run / training subprocesses
+def test_a_finished_run_rerun_says_so_and_keeps_its_summary(demo_run):
+    root, results = demo_run
+    rerun = results["rerun"]
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_quiet(rerun)
+    assert "Training already finished at step 2" in rerun.stdout
+    summary = (root / "run" / "train_summary.json").read_bytes()
+    assert summary == (root / "summary_before_rerun.json").read_bytes()  # not rewritten
+    summary = json.loads(summary)
+    assert summary["wall_seconds"] > 0 and summary["last_eval"]["roc_auc"] > 0
+
+
+@pytest.mark.slow  # the demo run / training subprocesses
+def test_run_eval_writes_its_report_beside_the_step_folders(demo_run):
+    root, results = demo_run
+    report = root / "run" / "eval" / "eval_synthetic_tags_test_step2.json"
+    assert f"report written to {report}" in results["eval"].stdout
+    assert json.loads(report.read_text())["checkpoint"] == str(
+        root / "run" / "checkpoints" / "best" / "2"
+    )
+    assert not list((root / "run" / "checkpoints").rglob("eval_*"))  # none inside a step
+
+
+@pytest.mark.slow  # the demo run / training subprocesses
+def test_run_train_refuses_every_bad_value_in_one_line_before_writing(demo_run, tmp_path):
+    root, _ = demo_run
+    workdir = tmp_path / "w"
+    result = run(
+        ["run_train.py", "--config", "configs/demo.py", "--workdir", str(workdir),
+         f"--config.data_dir={root / 'data'}", "--config.eval_batch_size=0",
+         "--config.log_every_steps=0", "--config.learning_rate=-1", "--config.eval_split=valid"],
+        root / "cache",
+    )  # fmt: skip
+    assert_one_line_error(
+        result, "run_train: bad training config: eval_batch_size 0", "log_every_steps 0",
+        "learning_rate -1.0", "eval_split 'valid' (the dataset has test, train, validation)",
+    )  # fmt: skip
+    assert not workdir.exists()
 
 
 @pytest.mark.slow  # the demo run / training subprocesses

@@ -5,16 +5,26 @@ r"""Evaluate a checkpoint on a dataset split: macro and per-tag ROC-AUC / PR-AUC
 
 (also `python -m jaxtag.cli.evaluate`, or `python run_eval.py` from a clone.) --checkpoint takes a
 training workdir (its best checkpoint by validation ROC-AUC), a step directory, or a converted
-ponswon.pth checkpoint. The table is printed and the full report is written as JSON (default:
-<checkpoint>/eval_<dataset>_<split>.json).
+ponswon.pth checkpoint. The table is printed and the full report is written as JSON, beside the
+checkpoint and never inside it (orbax's rotation deletes a step folder with all it holds):
+by default <workdir>/eval/eval_<dataset>_<split>_step<N>.json for a workdir's step N (the one
+--prefer picks), <dir>_eval_<dataset>_<split>.json next to any other checkpoint folder <dir>.
+The report path (--out or the default) is checked before the evaluation: a folder, a read-only
+folder, a path inside a checkpoint, or an existing file that is no jaxtag report is refused.
+Exit codes: 0 done, 2 bad input or a failed write (disk full), 130 interrupted (Ctrl-C); each
+failure is one line on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from pathlib import Path
 
-from jaxtag.cli.common import require_train_extra
+from jaxtag.cli import INTERRUPTED, _sigint_handled
+from jaxtag.cli.common import guarded, require_train_extra
+from jaxtag.errors import JaxtagError
 
 require_train_extra("jaxtag-eval")
 
@@ -31,8 +41,53 @@ flags.DEFINE_string(
 flags.DEFINE_string("split", "test", "Split to evaluate.")
 flags.DEFINE_integer("batch_size", 8, "Clips (x 16 chunks) per batch.")
 flags.DEFINE_enum("prefer", "best", ["best", "latest"], "For a workdir: which checkpoint to take.")
-flags.DEFINE_string("out", None, "Where to write the JSON report.")
+flags.DEFINE_string(
+    "out",
+    None,
+    "Where to write the JSON report (default: beside the checkpoint, see above; never inside).",
+)
 flags.mark_flags_as_required(["checkpoint", "dataset"])
+
+
+def evaluate_command(
+    checkpoint_path: str,
+    dataset: str,
+    data_dir: str,
+    split: str,
+    batch_size: int,
+    prefer: str,
+    out: str | None,
+) -> int:
+    """Scores the checkpoint and writes its report; returns the exit code, each failure one
+    line on stderr (2: bad input or a failed write; 130: interrupted)."""
+    from jaxtag import checkpoint, evaluate
+
+    def body() -> int:
+        # The step is fixed first: the default report is named after it, and a training run
+        # beside this eval may rotate `best/` meanwhile without changing what is scored.
+        model_dir = checkpoint.resolve(checkpoint_path, prefer)
+        if out:
+            report_path = Path(os.path.expanduser(out))
+        else:
+            report_path = evaluate.default_report_path(model_dir, dataset, split)
+        evaluate.check_report_path(report_path)
+        try:
+            report = evaluate.evaluate_checkpoint(
+                str(model_dir), dataset=dataset, data_dir=data_dir, split=split,
+                batch_size=batch_size, prefer=prefer,
+            )  # fmt: skip
+        except ValueError as err:  # also the data pipeline's, in its words
+            if isinstance(err, JaxtagError):
+                raise
+            raise JaxtagError((str(err).strip().splitlines() or [repr(err)])[0]) from err
+        print(evaluate.format_table(report))
+        evaluate.write_report(report, report_path)
+        print(f"report written to {report_path}")
+        return 0
+
+    INTERRUPTED.clear()
+    with _sigint_handled():
+        return guarded("run_eval", body, interrupted="interrupted; no report written")
 
 
 def main(argv: list[str]) -> int:
@@ -40,34 +95,32 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # orbax logs every save step at INFO
         logging.set_verbosity(logging.WARNING)
-    from jaxtag import evaluate, runtime
+    from jaxtag import runtime
 
     runtime.enable_compilation_cache()
-    try:
-        report = evaluate.evaluate_checkpoint(
-            FLAGS.checkpoint,
-            dataset=FLAGS.dataset,
-            data_dir=os.path.expanduser(FLAGS.data_dir),
-            split=FLAGS.split,
-            batch_size=FLAGS.batch_size,
-            prefer=FLAGS.prefer,
-        )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"run_eval: {err}", file=sys.stderr)
-        return 2
-    print(evaluate.format_table(report))
-    out = FLAGS.out or os.path.join(
-        report["checkpoint"], f"eval_{FLAGS.dataset.replace('/', '_')}_{FLAGS.split}.json"
+    return evaluate_command(
+        FLAGS.checkpoint,
+        FLAGS.dataset,
+        os.path.expanduser(FLAGS.data_dir),
+        FLAGS.split,
+        FLAGS.batch_size,
+        FLAGS.prefer,
+        FLAGS.out,
     )
-    evaluate.write_report(report, out)
-    print(f"report written to {out}")
-    return 0
 
 
 def run() -> None:
     """The ``jaxtag-eval`` console script (absl's --help prints this module's docstring)."""
     sys.modules["__main__"].__doc__ = __doc__
-    app.run(main)
+    try:
+        app.run(main)
+    except SystemExit as done:
+        if done.code == 130:  # interrupted: exit now, as the jaxtag commands do (cli/__init__.py)
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(130)
+        raise
 
 
 if __name__ == "__main__":

@@ -7,14 +7,22 @@ r"""Train the self-attention music tagger.
 bundled config (demo, mtat, mtat:readme, msd, ...) or a config file (configs/mtat.py:readme).
 Any config field can be overridden with --config.FIELD=VALUE
 (nested fields too: --config.model.dtype=bfloat16).
-Rerunning the same command resumes from the latest checkpoint in --workdir.
+Rerunning the same command resumes from the latest checkpoint in --workdir; rerunning a finished
+run says so and changes nothing. Every config value is checked before anything is written, and
+the workdir is locked for the run: a second jaxtag-train on it stops at once, naming the first's
+PID. WORKDIR/train_summary.json adds up the time of every call of a resumed run ("sessions").
+Exit codes: 0 done, 2 a bad config, workdir or dataset, or a failed write (disk full), 130
+interrupted (Ctrl-C; rerun to resume). Each failure is one line on stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import errno
 import hashlib
 import importlib.util
+import logging as std_logging
 import os
 import re
 import sys
@@ -22,7 +30,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from jaxtag.cli.common import require_train_extra
+from jaxtag.cli import INTERRUPTED, _sigint_handled
+from jaxtag.cli.common import describe_error, guarded, require_train_extra
+from jaxtag.errors import JaxtagError
 
 require_train_extra("jaxtag-train")
 
@@ -30,6 +40,7 @@ from absl import app, flags, logging  # noqa: E402  (after the check: absent in 
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
+INTERRUPTED_LINE = "interrupted; rerun the same command to resume from the last checkpoint"
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 flags.DEFINE_bool(
     "distributed",
@@ -189,29 +200,94 @@ def initialize_distributed(
     return True
 
 
+class _BackgroundSaveErrors(std_logging.Filter):
+    """orbax logs a failed background save with its traceback before the main thread sees it;
+    the main thread then reports it in one line (jaxtag.train.evaluate_and_save)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        path = record.pathname.replace(os.sep, "/")
+        return not (record.levelno >= std_logging.ERROR and "/orbax/" in path)
+
+
+def quiet_background_errors() -> None:
+    """Keeps what background threads print after a failed write off the terminal: orbax's error
+    logs and tensorstore's "Event loop is closed" callbacks (printed as unraisable errors)."""
+    logging.get_absl_logger().addFilter(_BackgroundSaveErrors())
+    hook = sys.unraisablehook
+
+    def unraisable(info: Any) -> None:
+        value = info.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            hook(info)
+
+    sys.unraisablehook = unraisable
+
+
+def train_command(config: Any, workdir: str, distributed: bool | None = None, **launch: Any) -> int:
+    """Trains `config` in `workdir` (`distributed`, `launch`: as `initialize_distributed`
+    takes them); returns the exit code, each failure one line on stderr as for every jaxtag
+    command (`jaxtag.cli.common.guarded`: 2 bad input or a failed write, 130 interrupted)."""
+    from jaxtag import runtime, train
+
+    def body() -> int:
+        try:
+            initialize_distributed(distributed, **launch)
+            runtime.enable_compilation_cache()
+            train.train_and_evaluate(config, workdir)
+        except ValueError as err:  # also the data pipeline's and ModelConfig's, in their words
+            if isinstance(err, JaxtagError):
+                raise
+            raise JaxtagError(first_line(err)) from err
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            hint = "; free some space, then rerun the same command to resume"
+            raise JaxtagError(describe_error(err) + hint) from err
+        return 0
+
+    INTERRUPTED.clear()
+    with _sigint_handled():
+        return guarded("run_train", body, interrupted=INTERRUPTED_LINE)
+
+
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:  # orbax logs every save step at INFO
         logging.set_verbosity(logging.WARNING)
-    from jaxtag import runtime, train
-
-    try:
-        initialize_distributed(
-            FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-        )
-        runtime.enable_compilation_cache()
-        train.train_and_evaluate(FLAGS.config, os.path.expanduser(FLAGS.workdir))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"run_train: {err}", file=sys.stderr)
-        return 2
-    return 0
+        quiet_background_errors()
+    return train_command(
+        FLAGS.config,
+        os.path.expanduser(FLAGS.workdir),
+        distributed=FLAGS.distributed,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
 
 
 def run() -> None:
     """The ``jaxtag-train`` console script (absl's --help prints this module's docstring)."""
     sys.modules["__main__"].__doc__ = __doc__
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except SystemExit as done:
+        if done.code == 130:  # interrupted: exit now, as the jaxtag commands do (cli/__init__.py)
+            exit_now(130)
+        raise
+
+
+def exit_now(code: int) -> None:
+    """Exits without finalising the interpreter, where JAX's threads stopped mid-work could
+    crash it (jaxtag/cli/__init__.py); what the run wrote is already on disk."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
