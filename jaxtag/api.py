@@ -90,6 +90,8 @@ def convert_weights(
     text = os.fspath(source)
     if not Path(text).expanduser().exists() and released.is_released_name(text):
         entry = released.RELEASED[text]
+        cached = released.weights_dir() / entry.filename
+        convert.check_destination(Path(out_dir).absolute(), cached, overwrite)  # before fetching
         source = released.fetch(text)
         num_heads = entry.num_heads if num_heads is None else num_heads
         tags = list(entry.tags) if tags is None else tags
@@ -277,16 +279,14 @@ class Tagger:
         name = scoring.source_name(source)
         return explain.Explanation(name, start_seconds, self.tags, chosen, maps)
 
-    def export(self, out: str | os.PathLike, check: bool = True) -> Path:
+    def export(self, out: str | os.PathLike, check: bool = True, overwrite: bool = False) -> Path:
         """Writes the model as an ONNX file (inputs: log-mel chunks; outputs: probabilities and
         the pooled embedding), checked against jaxtag with onnxruntime first unless `check` is
-        False. Needs `pip install 'jaxtag[export]'`."""
+        False. An existing ONNX file is replaced only with `overwrite`; anything else there is
+        refused. Needs `pip install 'jaxtag[export]'`."""
         from jaxtag import export
 
-        out = Path(out)
-        if out.suffix.lower() != ".onnx":
-            raise JaxtagError(f"{out}: the output must be a .onnx file")
-        return export.export(self.model, out, check)
+        return export.export(self.model, out, check, overwrite)
 
     # ------------------------------------------------------------------------------------------
 

@@ -26,14 +26,18 @@ This module is the only one that speaks orbax.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import json
+import glob
+import io
 import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,31 +46,28 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxtag.errors import JaxtagError
+from jaxtag.integrity import (  # re-exported: the checkpoint format's names live here too
+    DIGESTS,
+    FORMAT,
+    FORMAT_KEY,
+    META,
+    CheckpointError,
+    _warn_once,
+    array_digest,
+    checked_metadata,
+    meta_digest,
+    verify,
+)
 from jaxtag.model import ModelConfig
-from jaxtag.model.config import saved_model, tag_problems
+from jaxtag.model.config import tag_problems
 
+SETTLE_SECONDS = 3.0  # at most this long for orbax's threads to stop after a failed write
 VARIABLES = "variables"
-META = "meta"
 TRAIN_STATE = "train_state"
-DIGESTS = "sha256"  # meta[DIGESTS][item name] = array_digest(item); [META] = meta_digest(meta)
-FORMAT_KEY, FORMAT = "format", 2  # written by this version; no key: format 1 or 0 (see above)
 STEP_ITEMS = (VARIABLES, META, TRAIN_STATE)  # what a training step holds
 CHECKPOINTS_SUBDIR = "checkpoints"
 LATEST, BEST = "latest", "best"  # the two step directories of a training workdir
 BEST_METRIC = "roc_auc"  # meta['metrics'][BEST_METRIC] ranks the best checkpoints
-
-log = logging.getLogger(__name__)
-_warned: set[tuple[str, str]] = set()  # (what, path): each warning once per process
-
-
-def _warn_once(what: str, path: Path, message: str) -> None:
-    if (what, str(path)) not in _warned:
-        _warned.add((what, str(path)))
-        log.warning("%s: %s", path, message)
-
-
-class CheckpointError(JaxtagError):
-    """A path that is not a readable, intact jaxtag checkpoint."""
 
 
 @dataclasses.dataclass
@@ -76,29 +77,6 @@ class LoadedModel:
     variables: dict[str, Any]  # {'params': ..., 'batch_stats': ...} of numpy arrays
     meta: dict[str, Any]
     path: Path
-
-
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def array_digest(tree: Any) -> str:
-    """SHA-256 over a pytree's arrays: each leaf's path, dtype, shape and bytes, sorted by path.
-
-    Paths are spelled from key names only, so a dict and the NamedTuple it was restored from (an
-    optimizer state) give the same digest.
-    """
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    named = sorted(("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves)
-    digest = hashlib.sha256()
-    for name, leaf in named:
-        array = np.ascontiguousarray(np.asarray(leaf))
-        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
 
 
 def model_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
@@ -113,16 +91,6 @@ def make_meta(config: ModelConfig, tags: list[str], **extra: Any) -> dict[str, A
     return {"model": config.to_dict(), "tags": list(tags), **extra}
 
 
-def meta_digest(meta: Mapping[str, Any]) -> str:
-    """SHA-256 over canonical JSON of the outputs-changing metadata: the stored model config,
-    the tags, the format number and the array items' digests (which binds them together)."""
-    digests = meta.get(DIGESTS)
-    arrays = {k: v for k, v in digests.items() if k != META} if isinstance(digests, dict) else None
-    covered = {"arrays": arrays, **{k: meta.get(k) for k in (FORMAT_KEY, "model", "tags")}}
-    text = json.dumps(covered, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _save_args(items: Mapping[str, Any], meta: Mapping[str, Any]) -> ocp.args.Composite:
     """Array items plus the meta item, which records the format and the digests."""
     digests = {name: array_digest(tree) for name, tree in items.items()}
@@ -130,41 +98,6 @@ def _save_args(items: Mapping[str, Any], meta: Mapping[str, Any]) -> ocp.args.Co
     meta[DIGESTS] = {**digests, META: meta_digest(meta)}
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     return ocp.args.Composite(**args, **{META: ocp.args.JsonSave(meta)})
-
-
-def verify(directory: Path, items: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-    """Raises CheckpointError unless the meta holds well-formed digests for itself and for every
-    restored item in `items` (may be empty), and they match; warns for the older formats."""
-    if FORMAT_KEY not in meta and DIGESTS not in meta:  # format 0: before digests existed
-        _warn_once("format0", directory, "checkpoint written without digests; not verified")
-        return
-    version, digests, problem = meta.get(FORMAT_KEY, 1), meta.get(DIGESTS), None
-    needed = (*items, META) if version == FORMAT else tuple(items)
-    if FORMAT_KEY in meta and (type(version) is not int or version != FORMAT):
-        problem = f"unknown checkpoint format {str(version)[:40]!r} (this jaxtag writes {FORMAT})"
-    elif not isinstance(digests, dict):
-        problem = f"checkpoint digests are malformed ('{DIGESTS}' is a {type(digests).__name__})"
-    elif missing := [name for name in needed if not isinstance(digests.get(name), str)]:
-        problem = f"checkpoint has no digest for its {', '.join(missing)} item"
-    elif version == FORMAT and meta_digest(meta) != digests[META]:
-        problem = "checkpoint metadata (model config, tags, format) does not match its digest"
-    elif bad := [name for name, tree in items.items() if array_digest(tree) != digests[name]]:
-        problem = f"checkpoint data is corrupt (the '{bad[0]}' arrays do not match their digest)"
-    if problem:
-        raise CheckpointError(
-            f"{directory}: {problem}; restore it from a copy or convert/train it again"
-        )
-    if version != FORMAT:  # format 1: what `jaxtag convert` wrote before the meta digest
-        old = "checkpoint of the previous format: arrays verified, model config and tags not"
-        _warn_once("format1", directory, f"{old} (convert or save it again to cover them)")
-
-
-def checked_metadata(directory: Path, meta: Mapping[str, Any]) -> tuple[ModelConfig, list[str]]:
-    """The model config and tags of a meta item, every bad field named in one CheckpointError."""
-    try:
-        return saved_model(meta.get("model"), meta.get("tags"))
-    except ValueError as err:
-        raise CheckpointError(f"{directory}: bad checkpoint metadata: {err}") from err
 
 
 def _replace_dir(directory: Path, write: Any) -> None:
@@ -181,6 +114,54 @@ def _replace_dir(directory: Path, write: Any) -> None:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _orbax_temporaries(out: Path) -> set[Path]:
+    return set(map(Path, glob.glob(glob.escape(str(out)) + ".orbax-checkpoint-tmp*")))
+
+
+def _write_failure(err: BaseException) -> str:
+    """What went wrong in a failed write, in a few words (tensorstore's errors run for pages
+    and carry the OS error code at the end)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(err))
+    return os.strerror(int(code.group(1))) if code else first_line(err)
+
+
+@contextlib.contextmanager
+def _quiet_orbax_write(out: Path) -> Iterator[None]:
+    """Runs a checkpoint write with orbax's own reports held back: on success they are printed
+    after it; on a failure its background threads are given a moment to stop (they report the
+    same error again and again, some after the write has failed), their output is dropped and
+    the temporary folder orbax left beside `out` removed."""
+    before = _orbax_temporaries(out)
+    absl, stderr, held = logging.getLogger("absl"), sys.stderr, io.StringIO()
+    level = absl.level
+    absl.setLevel(logging.CRITICAL + 1)
+    sys.stderr = held
+    try:
+        yield
+    except BaseException as err:
+
+        def activity() -> tuple[int, int]:  # what orbax's threads are still printing or writing
+            files = [f for t in _orbax_temporaries(out) - before for f in t.rglob("*")]
+            return len(held.getvalue()), sum(f.stat().st_size for f in files if f.is_file())
+
+        deadline, last, quiet = time.monotonic() + SETTLE_SECONDS, None, 0
+        while not isinstance(err, JaxtagError) and quiet < 3 and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):  # a file removed while it was looked at
+                now = activity()
+                quiet, last = (quiet + 1 if now == last else 0), now
+            time.sleep(0.1)
+        for temporary in _orbax_temporaries(out) - before:
+            shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    else:
+        stderr.write(held.getvalue())
+    finally:
+        sys.stderr = stderr
+        absl.setLevel(level)
 
 
 def save_model(
@@ -203,8 +184,17 @@ def save_model(
     args = _save_args({VARIABLES: model_variables(variables)}, meta)
 
     def write(path: Path) -> None:
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            checkpointer.save(path, args)
+        try:
+            with (
+                _quiet_orbax_write(path),
+                ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer,
+            ):
+                checkpointer.save(path, args)
+        except (OSError, ValueError, RuntimeError) as err:  # orbax's and tensorstore's
+            raise CheckpointError(
+                f"{directory}: cannot write the checkpoint ({_write_failure(err)}); nothing "
+                "was written"
+            ) from err
 
     if not directory.exists():
         write(directory)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import re
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from jaxtag.checkpoint import LoadedModel
     from jaxtag.model import ModelConfig
 
+SPACE_MARGIN = 1 << 20  # bytes beyond the source's size: orbax's metadata and the meta item
 SINUSOIDAL_LENGTH = 257  # the sinusoidal table has no stored rows; it must cover 256 frames + CLS
 
 # Flax module names -> torch module names where they differ (`layers_3` -> `layers.3` is generic).
@@ -222,6 +225,42 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_destination(out: Path, source: str | Path, overwrite: bool) -> None:
+    """Refuses, before the source is read, an `out` checkpoint directory that must not be
+    written: an existing one without `overwrite`, or one that is not a jaxtag checkpoint (or
+    empty), or holds the source; a folder that cannot be written or lacks room for about the
+    source's size.
+
+    Raises:
+      OutputError: one line naming `out` and what is wrong.
+    """
+    from jaxtag.checkpoint import is_model_dir
+    from jaxtag.fileio import OutputError, unwritable_reason
+
+    if os.path.lexists(out):
+        if not overwrite:
+            raise OutputError(f"{out} already exists (pass --overwrite to replace it)")
+        if not out.is_dir() or (any(out.iterdir()) and not is_model_dir(out)):
+            kind = "directory that holds no jaxtag checkpoint" if out.is_dir() else "file"
+            raise OutputError(
+                f"{out} is a {kind}; --overwrite replaces only a jaxtag checkpoint, so it was "
+                "left untouched (choose another output path)"
+            )
+        if os.path.exists(source) and Path(source).resolve().is_relative_to(out.resolve()):
+            raise OutputError(f"{out} holds the source {source}: write the checkpoint elsewhere")
+    problem = unwritable_reason(out.parent / f"{out.name}.new")  # its folder, written beside
+    if problem:
+        raise OutputError(problem.replace(f"{out.name}.new", out.name))
+    if os.path.isfile(source):
+        folder = next(p for p in [out, *out.parents] if p.is_dir())
+        need, free = os.path.getsize(source) + SPACE_MARGIN, shutil.disk_usage(folder).free
+        if free < need:
+            raise OutputError(
+                f"{out}: not enough free space ({free / 1e6:.1f} MB free in {folder}, the "
+                f"checkpoint needs about {need / 1e6:.1f} MB)"
+            )
+
+
 def load_weights(
     source: str | Path, num_heads: int = 8, tags: list[str] | None = None
 ) -> LoadedModel:
@@ -262,9 +301,11 @@ def convert_file(
     tags: list[str] | None = None,
     overwrite: bool = False,
 ) -> tuple[Path, ModelConfig]:
-    """Reads a `.pth` file and writes a jaxtag model checkpoint; returns its path and config."""
+    """Reads a `.pth` file and writes a jaxtag model checkpoint; returns its path and config.
+    `out_dir` is checked first (`check_destination`); a failed write leaves nothing behind."""
     from jaxtag.checkpoint import save_model
 
+    check_destination(Path(out_dir).absolute(), source, overwrite)
     model = load_weights(source, num_heads, tags)
     extra = {k: v for k, v in model.meta.items() if k not in ("model", "tags")}
     path = save_model(out_dir, model.variables, model.config, model.tags, overwrite, **extra)

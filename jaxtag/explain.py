@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +164,7 @@ class Explanation:
 
         from jaxtag.fileio import atomic_write
 
+        check_destinations(out)
         suffix = figure_format(out)
         fig = self.figure()
         try:
@@ -175,9 +178,87 @@ class Explanation:
         """Writes the raw maps, the tags and the start time to an .npz, atomically."""
         from jaxtag.fileio import atomic_write
 
+        check_destinations(None, out)
         with atomic_write(out, "wb") as f:
             np.savez_compressed(f, tags=np.array(self.tags), start_seconds=self.start, **self.maps)
         return Path(out)
+
+
+# How a file of each figure format begins; an existing figure is replaced only if it matches.
+# svg may start with an XML declaration, a comment or whitespace: looked for in its first bytes.
+FIGURE_SIGNATURES = {
+    "png": (b"\x89PNG\r\n\x1a\n",),
+    "pdf": (b"%PDF",),
+    "jpg": (b"\xff\xd8\xff",),
+    "jpeg": (b"\xff\xd8\xff",),
+    "tif": (b"II*\x00", b"MM\x00*"),
+    "tiff": (b"II*\x00", b"MM\x00*"),
+    "eps": (b"%!PS",),
+    "ps": (b"%!PS",),
+    "svgz": (b"\x1f\x8b",),
+    "webp": (b"RIFF",),
+}
+EXPLAIN_NPZ_KEYS = {
+    "tags",
+    "start_seconds",
+    "mel",
+    "probs",
+    "contributions",
+}  # Explanation.save_npz
+
+
+def is_figure(path: str, suffix: str) -> bool:
+    """Whether the existing `path` looks like a figure of format `suffix` (False for formats
+    without a signature: raw, rgba, pgf)."""
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    if suffix == "svg":
+        return b"<svg" in head or head.lstrip().startswith(b"<?xml")
+    signatures = FIGURE_SIGNATURES.get(suffix)
+    return bool(signatures) and head.startswith(signatures)
+
+
+def is_explain_npz(path: str) -> bool:
+    """Whether the existing `path` is an `.npz` of `jaxtag explain --save-npz`."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = {name.removesuffix(".npy") for name in archive.namelist()}
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return EXPLAIN_NPZ_KEYS <= names
+
+
+def check_destinations(
+    figure: str | os.PathLike | None,
+    npz: str | os.PathLike | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
+) -> None:
+    """Refuses, before any work, a figure or maps path that must not be written: a directory, an
+    unwritable folder, one of `inputs` (the audio, the model), the two the same; an existing
+    file that is not what would be written there (a figure of the format its suffix names, an
+    `.npz` of explain's maps) is left untouched.
+
+    Raises:
+      JaxtagError: one line naming the path and what is wrong (OutputError, or an unknown
+        figure format).
+    """
+    from jaxtag.fileio import OutputError, check_outputs
+
+    check_outputs([p for p in (figure, npz) if p], inputs)
+    if figure is not None:
+        suffix = figure_format(figure)
+        if os.path.exists(figure) and not is_figure(figure, suffix):
+            raise OutputError(
+                f"{figure} exists and is not a .{suffix} figure, so it was left untouched; "
+                "choose another path"
+            )
+    if npz and os.path.exists(npz) and not is_explain_npz(npz):
+        raise OutputError(
+            f"{npz} exists and is not an .npz of explain's maps, so it was left untouched; "
+            "choose another path"
+        )
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

@@ -308,16 +308,61 @@ def max_difference(model_bytes: bytes, config: Any, variables: dict, batch: int 
     return max(float(np.abs(a - b).max()) for a, b in zip(got, want, strict=True))
 
 
-def export(model: LoadedModel, out: str | Path, check: bool = True) -> Path:
+def is_onnx_model(path: str | os.PathLike) -> bool | None:
+    """Whether `path` holds an ONNX model (a ModelProto with an IR version and a graph); None
+    when the onnx package is missing (then the export itself says so)."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    with open(path, "rb") as f:
+        if f.read(1) != b"\x08":  # onnx writes field 1, ir_version, first: no need to parse more
+            return False
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # protobuf's DecodeError and friends: not an ONNX file
+        return False
+    return model.ir_version > 0 and len(model.graph.node) > 0
+
+
+def check_destination(out: str | os.PathLike, source: str | os.PathLike, overwrite: bool) -> None:
+    """Refuses, before any work, an `out` that must not be written: not a `.onnx` path, a
+    directory, the model's own file (`source`), an unwritable folder; an existing file without
+    `overwrite`, or one that is not an ONNX model (it is left untouched).
+
+    Raises:
+      OutputError: one line naming `out` and what is wrong.
+    """
+    from jaxtag.fileio import OutputError, check_outputs
+
+    out = os.fspath(out)
+    if not out.lower().endswith(".onnx"):
+        raise OutputError(f"{out}: the output must be a .onnx file")
+    check_outputs([out], [source])
+    if os.path.lexists(out):
+        if not overwrite:
+            raise OutputError(f"{out} already exists (pass --overwrite / overwrite=True)")
+        if is_onnx_model(out) is False:
+            raise OutputError(
+                f"{out} is not an ONNX model; --overwrite replaces only an ONNX file, so it was "
+                "left untouched (choose another output path)"
+            )
+
+
+def export(
+    model: LoadedModel, out: str | Path, check: bool = True, overwrite: bool = False
+) -> Path:
     """Writes the ONNX file of a loaded model to `out` (atomically); returns `out`.
 
-    With `check`, the graph is first run with onnxruntime against jaxtag on random log-mel
-    batches; a difference above CHECK_TOLERANCE raises ExportError and nothing is written.
+    `out` is checked first (`check_destination`: an existing ONNX file is replaced only with
+    `overwrite`). With `check`, the graph is first run with onnxruntime against jaxtag on random
+    log-mel batches; a difference above CHECK_TOLERANCE raises ExportError and nothing is written.
     """
     import dataclasses
 
     from jaxtag.fileio import atomic_write
 
+    check_destination(out, model.path, overwrite)
     config = dataclasses.replace(model.config, dtype="float32")  # ONNX graph is float32
     model_bytes = build_graph(config, model.variables, model.tags).SerializeToString()
     if check:

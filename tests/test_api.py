@@ -175,7 +175,7 @@ def test_explain_equals_the_command_line_and_draws_its_figure(tagger, checkpoint
 
 
 def test_export_writes_the_onnx_file(tagger, tmp_path):
-    onnx = pytest.importorskip("onnx")  # the export extra is part of the test install
+    import onnx  # the export extra is part of both test installs
     out = tagger.export(tmp_path / "model.onnx")
     assert [o.name for o in onnx.load(str(out)).graph.output] == ["probabilities", "embedding"]
 
@@ -323,3 +323,23 @@ def test_a_failed_download_is_one_line_for_the_api_and_the_command(
         cwd=REPO, env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2 and result.stderr.strip() == f"jaxtag info: {message}"
+
+
+def test_the_api_writers_refuse_foreign_files_as_the_commands_do(tagger, library, tmp_path):
+    explanation = tagger.explain(library[0])
+    notes = tmp_path / "fig.png"
+    notes.write_text("my notes")
+    with pytest.raises(jaxtag.JaxtagError, match="is not a .png figure"):
+        explanation.plot(notes)
+    with pytest.raises(jaxtag.JaxtagError, match="not an .npz of explain's maps"):
+        explanation.save_npz(notes)
+    assert notes.read_text() == "my notes"  # untouched
+    foreign = tmp_path / "notes.onnx"
+    foreign.write_text("not a model")
+    with pytest.raises(jaxtag.JaxtagError, match="is not an ONNX model"):
+        tagger.export(foreign, overwrite=True)
+    assert foreign.read_text() == "not a model"
+    out = tagger.export(tmp_path / "m.onnx", check=False)
+    with pytest.raises(jaxtag.JaxtagError, match="already exists"):
+        tagger.export(out, check=False)
+    assert tagger.export(out, check=False, overwrite=True) == out

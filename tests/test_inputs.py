@@ -118,3 +118,17 @@ def test_explain_refuses_an_overflowing_start_in_one_line(tmp_path, tagger):
     with pytest.raises(jaxtag.JaxtagError, match="past the last chunk start") as raised:
         tagger.explain(str(path), start=1e308)
     assert "\n" not in str(raised.value)
+
+
+def test_the_commands_say_how_many_files_they_skipped(tmp_path, capsys):
+    from jaxtag import cli
+
+    music = tmp_path / "music"
+    music.mkdir()
+    sf.write(music / "a.wav", _tone(2.0), 16_000)
+    (music / "cover.jpg").write_text("x")
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    assert cli.main(["tag", str(music / "a.wav"), str(music), "--checkpoint",
+                     str(checkpoint), "--engine", "jax"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "jaxtag tag: 1 files in the folders are not audio and were skipped (.jpg 1)" in err

@@ -47,8 +47,11 @@ def no_work(monkeypatch):
     def work(*args, **kwargs):
         raise AssertionError("the command started its work before refusing its output")
 
+    from jaxtag import convert, released
+
     monkeypatch.setattr(jaxtag, "load", work)
-    monkeypatch.setattr(jaxtag, "convert_weights", work)
+    monkeypatch.setattr(convert, "load_weights", work)  # convert_weights checks before this
+    monkeypatch.setattr(released, "fetch", work)
 
 
 def main(*argv) -> int:

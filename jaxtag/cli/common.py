@@ -89,11 +89,16 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def input_paths(args: argparse.Namespace) -> list[str]:
-    """The files that the inputs and --files-from name (directories expanded)."""
-    paths = scoring.expand_inputs(args.inputs, args.files_from)
+def input_paths(args: argparse.Namespace, command: str) -> list[str]:
+    """The files that the inputs and --files-from name (directories expanded); says on stderr
+    how many files of the directories were not audio, and of which kinds."""
+    skipped: list[str] = []
+    paths = scoring.expand_inputs(args.inputs, args.files_from, skipped)
     if not paths:
         raise scoring.InputError("no input files (give files, directories or --files-from LIST)")
+    summary = scoring.skipped_summary(skipped)
+    if summary:
+        print(f"{command}: {summary}", file=sys.stderr)
     return paths
 
 

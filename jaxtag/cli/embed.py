@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         import jaxtag
         from jaxtag.result_files import NpzFile, sidecar_path
 
-        paths = common.input_paths(args)
+        paths = common.input_paths(args, "jaxtag embed")
         outputs_given = [args.out, str(sidecar_path(args.out))]
         common.check_outputs(outputs_given, [*paths, args.checkpoint])  # before any work
         tagger = jaxtag.load(args.checkpoint, engine=args.engine, batch_size=args.batch_size)

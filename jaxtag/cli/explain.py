@@ -15,31 +15,8 @@ maps), each atomically.
 from __future__ import annotations
 
 import argparse
-import os
 
 from jaxtag.cli import common
-
-# How a file of each figure format begins; an existing figure is replaced only if it matches.
-# svg may start with an XML declaration, a comment or whitespace: looked for in its first bytes.
-FIGURE_SIGNATURES = {
-    "png": (b"\x89PNG\r\n\x1a\n",),
-    "pdf": (b"%PDF",),
-    "jpg": (b"\xff\xd8\xff",),
-    "jpeg": (b"\xff\xd8\xff",),
-    "tif": (b"II*\x00", b"MM\x00*"),
-    "tiff": (b"II*\x00", b"MM\x00*"),
-    "eps": (b"%!PS",),
-    "ps": (b"%!PS",),
-    "svgz": (b"\x1f\x8b",),
-    "webp": (b"RIFF",),
-}
-EXPLAIN_NPZ_KEYS = {
-    "tags",
-    "start_seconds",
-    "mel",
-    "probs",
-    "contributions",
-}  # Explanation.save_npz
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,53 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-npz", default=None, help="also write the raw maps to this .npz")
 
 
-def is_figure(path: str, suffix: str) -> bool:
-    """Whether the existing `path` looks like a figure of format `suffix` (False for formats
-    without a signature: raw, rgba, pgf)."""
-    with open(path, "rb") as f:
-        head = f.read(1024)
-    if suffix == "svg":
-        return b"<svg" in head or head.lstrip().startswith(b"<?xml")
-    signatures = FIGURE_SIGNATURES.get(suffix)
-    return bool(signatures) and head.startswith(signatures)
-
-
-def is_explain_npz(path: str) -> bool:
-    """Whether the existing `path` is an `.npz` of `jaxtag explain --save-npz`."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = {name.removesuffix(".npy") for name in archive.namelist()}
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return EXPLAIN_NPZ_KEYS <= names
-
-
-def check_outputs(args: argparse.Namespace, suffix: str) -> None:
-    """Refuses, before any work, outputs that must not be written (see the module docstring)."""
-    from jaxtag.fileio import OutputError
-
-    common.check_outputs([args.out, args.save_npz], [args.file, args.checkpoint])
-    if os.path.exists(args.out) and not is_figure(args.out, suffix):
-        raise OutputError(
-            f"{args.out} exists and is not a .{suffix} figure, so it was left untouched; "
-            "choose another --out"
-        )
-    if args.save_npz and os.path.exists(args.save_npz) and not is_explain_npz(args.save_npz):
-        raise OutputError(
-            f"{args.save_npz} exists and is not an .npz of explain's maps, so it was left "
-            "untouched; choose another --save-npz"
-        )
-
-
 def run(args: argparse.Namespace) -> int:
     def body() -> int:
         import jaxtag
-        from jaxtag.explain import figure_format
+        from jaxtag.explain import check_destinations
 
-        suffix = figure_format(args.out)  # before any work: a suffix matplotlib cannot write
-        check_outputs(args, suffix)
+        # Before any work: a suffix matplotlib cannot write, an input, a foreign file.
+        check_destinations(args.out, args.save_npz, [args.file, args.checkpoint])
         tagger = jaxtag.load(args.checkpoint, engine="jax")
         tags = args.tags.split(",") if args.tags else None
         explanation = tagger.explain(args.file, start=args.start, tags=tags, layer=args.layer)

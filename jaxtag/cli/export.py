@@ -13,7 +13,6 @@ convert` does) and only if it is an ONNX model; the file is written atomically, 
 from __future__ import annotations
 
 import argparse
-import os
 
 from jaxtag.cli import common
 
@@ -32,46 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def is_onnx_model(path: str | os.PathLike) -> bool | None:
-    """Whether `path` holds an ONNX model (a ModelProto with an IR version and a graph); None
-    when the onnx package is missing (then the export itself says so)."""
-    try:
-        import onnx
-    except ImportError:
-        return None
-    with open(path, "rb") as f:
-        if f.read(1) != b"\x08":  # onnx writes field 1, ir_version, first: no need to parse more
-            return False
-    try:
-        model = onnx.load(os.fspath(path), load_external_data=False)
-    except Exception:  # protobuf's DecodeError and friends: not an ONNX file
-        return False
-    return model.ir_version > 0 and len(model.graph.node) > 0
-
-
-def check_out(out: str, source: str, overwrite: bool) -> None:
-    """Refuses, before any work, an OUT that must not be written (see the module docstring)."""
-    from jaxtag.fileio import OutputError, check_outputs
-
-    if not out.lower().endswith(".onnx"):
-        raise OutputError(f"{out}: the output must be a .onnx file")
-    check_outputs([out], [source])
-    if os.path.lexists(out):
-        if not overwrite:
-            raise OutputError(f"{out} already exists (pass --overwrite to replace it)")
-        if is_onnx_model(out) is False:
-            raise OutputError(
-                f"{out} is not an ONNX model; --overwrite replaces only an ONNX file, so it was "
-                "left untouched (choose another output path)"
-            )
-
-
 def run(args: argparse.Namespace) -> int:
     def body() -> int:
         import jaxtag
+        from jaxtag.export import check_destination
 
-        check_out(args.out, args.checkpoint, args.overwrite)
-        jaxtag.load(args.checkpoint, engine="jax").export(args.out, args.check)
+        check_destination(args.out, args.checkpoint, args.overwrite)  # before loading the model
+        jaxtag.load(args.checkpoint, engine="jax").export(args.out, args.check, args.overwrite)
         print(f"exported {args.checkpoint} -> {args.out}")
         return 0
 

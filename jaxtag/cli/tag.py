@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         import jaxtag
         from jaxtag.result_files import CsvFile, JsonlFile, NpzFile, ResultFile, sidecar_path
 
-        paths = common.input_paths(args)
+        paths = common.input_paths(args, "jaxtag tag")
         sidecar = args.taggram and str(sidecar_path(args.taggram))
         outputs_given = [args.csv, args.jsonl, args.taggram, sidecar]
         common.check_outputs(outputs_given, [*paths, args.checkpoint])  # before any work
