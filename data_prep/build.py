@@ -108,8 +108,11 @@ def _error_line(err: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Runs the build; returns the exit status: 0 ok, 1 bad input file, 2 missing input, an
     unusable --data_dir or a failed write (disk full), 130 interrupted (Ctrl-C; resumable)."""
+    from jaxtag.cli.interrupts import sigint_handled
+
     try:
-        return _build(argv)
+        with sigint_handled():  # a Ctrl-C inside a gc callback (JAX's) is raised, not dropped
+            return _build(argv)
     except KeyboardInterrupt:
         # The mel workers ignore SIGINT (data_prep/common.py); finished clips stay cached.
         print(f"\n{INTERRUPTED}", file=sys.stderr)

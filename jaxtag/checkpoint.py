@@ -366,7 +366,8 @@ class CheckpointStore:
 
     def latest_step(self) -> int | None:
         """The newest complete step on disk in `latest/` (incomplete ones warned about)."""
-        steps = _complete(self.root / LATEST, self._latest.all_steps(read=True), STEP_ITEMS)
+        self._latest.reload()  # what is on disk now (another writer, a hollow folder)
+        steps = _complete(self.root / LATEST, self._latest.all_steps(), STEP_ITEMS)
         return steps[-1] if steps else None
 
     def _latest_dir(self) -> Path:

@@ -7,28 +7,21 @@ this file only wires them together. Only the module of the command being run is 
 command modules import JAX inside their functions, so `jaxtag --help` and `jaxtag CMD --help`
 answer without loading JAX. The library never imports this package.
 
-`main` holds Ctrl-C for the whole command, parsing and imports included: one line and exit 130
-wherever it lands (a command's own `common.guarded` says what was kept), and the process exits
-at once. Python prints and drops a KeyboardInterrupt raised inside a garbage-collector callback
-(JAX has one), a weakref callback or a `__del__`: caught there (`sys.unraisablehook`), it is
-raised again a moment later, outside.
+`main` holds Ctrl-C for the whole command, parsing and imports included (jaxtag/cli/interrupts.py):
+one line and exit 130 wherever it lands (a command's own `common.guarded` says what was kept),
+and the process exits at once.
 """
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import contextlib
 import importlib
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from types import FrameType
-from typing import Any
 
 import jaxtag
+from jaxtag.cli.interrupts import INTERRUPTED, sigint_handled
 
 # name -> (module, one-line help).
 COMMANDS = {
@@ -79,55 +72,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-_HANDLING = threading.Event()  # set while `main` handles SIGINT (a retry after it returned: none)
-INTERRUPTED = threading.Event()  # SIGINT came during this `main` (see common.guarded)
-RETRY_SECONDS = 0.05
-
-
-def _on_sigint(signum: int, frame: FrameType | None) -> None:
-    INTERRUPTED.set()
-    raise KeyboardInterrupt
-
-
-def _retry_interrupt() -> None:
-    if _HANDLING.is_set():
-        _thread.interrupt_main()  # calls _on_sigint again, in the main thread
-
-
-def _unraisable(previous: Callable[[Any], None]) -> Callable[[Any], None]:
-    """A `sys.unraisablehook` under which a KeyboardInterrupt that Python would print and drop
-    (raised in a gc callback, a weakref callback, a `__del__`) is raised again a moment later."""
-
-    def hook(unraisable: Any) -> None:
-        if _HANDLING.is_set() and issubclass(unraisable.exc_type, KeyboardInterrupt):
-            timer = threading.Timer(RETRY_SECONDS, _retry_interrupt)
-            timer.daemon = True
-            timer.start()
-        else:
-            previous(unraisable)
-
-    return hook
-
-
-@contextlib.contextmanager
-def _sigint_handled() -> Iterator[None]:
-    """SIGINT as KeyboardInterrupt, never lost in a finaliser (see the module docstring); only in
-    the main thread, and not where SIGINT is ignored (a background job)."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is signal.SIG_IGN:
-        yield
-        return
-    signal.signal(signal.SIGINT, _on_sigint)
-    previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
-    _HANDLING.set()
-    try:
-        yield
-    finally:
-        _HANDLING.clear()
-        sys.unraisablehook = previous_hook
-        signal.signal(signal.SIGINT, previous)
-
-
 def _interrupted(command: str | None) -> int:
     print(f"\njaxtag{' ' + command if command else ''}: interrupted", file=sys.stderr)
     return 130
@@ -138,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _chosen_command(argv)
     INTERRUPTED.clear()
-    with _sigint_handled():
+    with sigint_handled():
         try:
             args = build_parser(command).parse_args(argv)
             from jaxtag.runtime import enable_compilation_cache

@@ -111,7 +111,7 @@ def guarded(
     is one line `COMMAND: INTERRUPTED` and exit 130 (also when a library turned it into an error
     of its own: pybind11 makes an ImportError of one during a module's import); a closed stdout
     ends quietly (exit 141)."""
-    from jaxtag.cli import INTERRUPTED
+    from jaxtag.cli.interrupts import INTERRUPTED
 
     try:
         code = body()

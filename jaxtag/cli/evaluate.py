@@ -22,8 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-from jaxtag.cli import INTERRUPTED, _sigint_handled
 from jaxtag.cli.common import guarded, require_train_extra
+from jaxtag.cli.interrupts import INTERRUPTED, sigint_handled
 from jaxtag.errors import JaxtagError
 
 require_train_extra("jaxtag-eval")
@@ -86,7 +86,7 @@ def evaluate_command(
         return 0
 
     INTERRUPTED.clear()
-    with _sigint_handled():
+    with sigint_handled():
         return guarded("run_eval", body, interrupted="interrupted; no report written")
 
 

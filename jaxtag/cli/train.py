@@ -30,8 +30,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from jaxtag.cli import INTERRUPTED, _sigint_handled
 from jaxtag.cli.common import describe_error, guarded, require_train_extra
+from jaxtag.cli.interrupts import INTERRUPTED, sigint_handled
 from jaxtag.errors import JaxtagError
 
 require_train_extra("jaxtag-train")
@@ -205,14 +205,20 @@ class _BackgroundSaveErrors(std_logging.Filter):
     the main thread then reports it in one line (jaxtag.train.evaluate_and_save)."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno < std_logging.ERROR:
+            return True
         path = record.pathname.replace(os.sep, "/")
-        return not (record.levelno >= std_logging.ERROR and "/orbax/" in path)
+        # asyncio's "Task/Future exception was never retrieved": orbax's write tasks (jaxtag
+        # itself runs no asyncio), each failed array write once more after the save failed.
+        orphan = record.name == "asyncio" and "exception was never retrieved" in record.getMessage()
+        return not ("/orbax/" in path or orphan)
 
 
 def quiet_background_errors() -> None:
     """Keeps what background threads print after a failed write off the terminal: orbax's error
     logs and tensorstore's "Event loop is closed" callbacks (printed as unraisable errors)."""
-    logging.get_absl_logger().addFilter(_BackgroundSaveErrors())
+    # On the handler: asyncio's records reach it from their own logger, not through absl's.
+    logging.get_absl_handler().addFilter(_BackgroundSaveErrors())
     hook = sys.unraisablehook
 
     def unraisable(info: Any) -> None:
@@ -246,7 +252,7 @@ def train_command(config: Any, workdir: str, distributed: bool | None = None, **
         return 0
 
     INTERRUPTED.clear()
-    with _sigint_handled():
+    with sigint_handled():
         return guarded("run_train", body, interrupted=INTERRUPTED_LINE)
 
 
