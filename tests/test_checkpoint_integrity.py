@@ -12,24 +12,12 @@ import numpy as np
 import pytest
 
 from jaxtag import checkpoint
-from jaxtag.model import ModelConfig, init_variables
+from jaxtag.model import ModelConfig
 from jaxtag.model import config as model_config
+from tests import test_checkpoint as base
 
-TINY = ModelConfig(
-    conv_channels=1,
-    width=16,
-    num_layers=1,
-    num_heads=2,
-    ffn_size=32,
-    positions_length=65,
-    num_tags=3,
-)
-TAGS = ["a", "b", "c"]
-
-
-@pytest.fixture(scope="module")
-def variables():
-    return init_variables(TINY, jax.random.PRNGKey(0), frames=64)
+TINY, TAGS = base.TINY, base.TAGS
+variables = base.variables  # the same module-scoped fixture
 
 
 @pytest.fixture(scope="module")
