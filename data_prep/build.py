@@ -107,12 +107,18 @@ def _error_line(err: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the build; returns the exit status: 0 ok, 1 bad input file, 2 missing input, an
-    unusable --data_dir or a failed write (disk full), 130 interrupted (Ctrl-C; resumable)."""
+    unusable --data_dir or a failed write (disk full), 130 interrupted (Ctrl-C; resumable), 141
+    a reader of stdout gone (`jaxtag-build ... | head`)."""
+    from jaxtag.cli.common import quiet_broken_pipe
     from jaxtag.cli.interrupts import sigint_handled
 
     try:
         with sigint_handled():  # a Ctrl-C inside a gc callback (JAX's) is raised, not dropped
-            return _build(argv)
+            code = _build(argv)
+            sys.stdout.flush()  # here, not at exit: a closed stdout is a quiet 141
+            return code
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except KeyboardInterrupt:
         # The mel workers ignore SIGINT (data_prep/common.py); finished clips stay cached.
         print(f"\n{INTERRUPTED}", file=sys.stderr)

@@ -132,3 +132,41 @@ def test_the_commands_say_how_many_files_they_skipped(tmp_path, capsys):
                      str(checkpoint), "--engine", "jax"]) == 0  # fmt: skip
     err = capsys.readouterr().err
     assert "jaxtag tag: 1 files in the folders are not audio and were skipped (.jpg 1)" in err
+
+
+def _damaged_mp3(path) -> None:
+    """An mp3 with garbage over parts of some frames: it decodes, and libmpg123 complains."""
+    sf.write(path, _tone(5.0), 16_000)
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for i in range(2000, len(data), 700):
+        data[i : i + 40] = rng.integers(0, 256, 40, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow  # jaxtag tag in a subprocess (the filter works on the real descriptor 2)
+def test_the_decoders_chatter_stays_off_the_terminal(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    song = tmp_path / "damaged.mp3"
+    _damaged_mp3(song)
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    argv = [sys.executable, "-m", "jaxtag", "tag", str(song), str(tmp_path / "missing.wav"),
+            "--checkpoint", str(checkpoint), "--engine", "jax"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=repo, env=env, timeout=300)
+    assert done.returncode == 1  # the missing file; the damaged one is tagged
+    assert done.stdout.startswith(f"{song} (4.8 s): ")  # frames lost to the damage
+    lines = done.stderr.strip().splitlines()
+    assert lines == [
+        f"jaxtag tag: error: {tmp_path / 'missing.wav'}: no such audio file",
+        "jaxtag tag: 1 of 2 files could not be tagged",
+    ], done.stderr
+    # The same decode without the filter prints libmpg123's notices (so the test means it).
+    decode = f"from jaxtag import audio; audio.load_audio({str(song)!r})"
+    raw = subprocess.run([sys.executable, "-c", decode], capture_output=True, text=True,
+                         cwd=repo, env=env, timeout=120)  # fmt: skip
+    assert "Trying to resync" in raw.stderr

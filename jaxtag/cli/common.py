@@ -106,15 +106,19 @@ def guarded(
     command: str,
     body: Callable[[], int],
     interrupted: str = "interrupted; rerun the same command to continue",
+    decodes: bool = False,
 ) -> int:
     """Runs a command's body: bad input is one line `COMMAND: MESSAGE` and exit code 2; Ctrl-C
     is one line `COMMAND: INTERRUPTED` and exit 130 (also when a library turned it into an error
     of its own: pybind11 makes an ImportError of one during a module's import); a closed stdout
-    ends quietly (exit 141)."""
+    ends quietly (exit 141). A body that `decodes` audio runs with the decoders' chatter kept
+    off the terminal (jaxtag/cli/decoder_noise.py)."""
+    from jaxtag.cli.decoder_noise import filtered
     from jaxtag.cli.interrupts import INTERRUPTED
 
     try:
-        code = body()
+        with filtered() if decodes else contextlib.nullcontext():
+            code = body()
         sys.stdout.flush()  # here, not at exit: a reader gone (`| head -3`) is a quiet 141
         return code
     except KeyboardInterrupt:

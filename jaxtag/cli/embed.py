@@ -58,4 +58,4 @@ def run(args: argparse.Namespace) -> int:
         out = NpzFile(args.out, "embeddings", meta, window_key, WINDOW_SECONDS)
         return common.run_to_files(tagger, paths, [out], args.layer, "jaxtag embed")
 
-    return common.guarded("jaxtag embed", body)
+    return common.guarded("jaxtag embed", body, decodes=True)

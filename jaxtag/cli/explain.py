@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import argparse
 
+from jaxtag import audio
 from jaxtag.cli import common
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", metavar="FILE", help="an audio file (wav, flac, ogg, mp3)")
+    parser.add_argument(
+        "file",
+        metavar="FILE",
+        help="an audio file (" + ", ".join(e[1:] for e in audio.AUDIO_EXTENSIONS) + ")",
+    )
     parser.add_argument("--checkpoint", required=True, metavar="SRC", help=common.CHECKPOINT_HELP)
     parser.add_argument(
         "--out", required=True, help="figure path; the suffix picks the format (.png, .pdf, .svg)"
@@ -54,4 +59,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"maps written to {args.save_npz}")
         return 0
 
-    return common.guarded("jaxtag explain", body, "interrupted")
+    return common.guarded("jaxtag explain", body, "interrupted", decodes=True)

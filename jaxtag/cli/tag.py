@@ -123,4 +123,4 @@ def run(args: argparse.Namespace) -> int:
             return common.run_to_files(tagger, paths, outputs, "probabilities", "jaxtag tag")
         return _print_results(tagger, paths, args)
 
-    return common.guarded("jaxtag tag", body)
+    return common.guarded("jaxtag tag", body, decodes=True)
