@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 import os
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,12 @@ except ModuleNotFoundError:  # the torch-free job (.ci/run): see pytest_collecti
 # Tests never write the user's compilation cache (jaxtag/runtime.py); one cache for the session
 # lets the subprocess tests that compile the same small models load them instead.
 os.environ.setdefault("JAXTAG_CACHE_DIR", tempfile.mkdtemp(prefix="jaxtag-test-jax-cache-"))
+
+# A shell without job control starts background jobs with SIGINT ignored (.ci/run's two jobs):
+# the Ctrl-C tests stand for a terminal, so the session (and the commands it starts) gets
+# Python's own handler back. tests/test_writer_failures.py tests the ignored case explicitly.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # The released-weights server fixtures (released_pth, released_server, released_cache).
 pytest_plugins = ["tests.released_fixtures"]

@@ -176,6 +176,7 @@ def test_explain_equals_the_command_line_and_draws_its_figure(tagger, checkpoint
 
 def test_export_writes_the_onnx_file(tagger, tmp_path):
     import onnx  # the export extra is part of both test installs
+
     out = tagger.export(tmp_path / "model.onnx")
     assert [o.name for o in onnx.load(str(out)).graph.output] == ["probabilities", "embedding"]
 

@@ -199,6 +199,27 @@ def test_ctrl_c_inside_a_gc_callback_is_not_lost(checkpoint, monkeypatch, capsys
     assert one_line(err) == "jaxtag info: interrupted"
 
 
+def test_an_ignored_sigint_stays_ignored(checkpoint, monkeypatch, capsys):
+    # A background job of a shell without job control starts with SIGINT ignored: the command
+    # keeps it so (a Ctrl-C meant for the shell's foreground job does not stop it).
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(signal.getsignal(signal.SIGINT))
+        signal.raise_signal(signal.SIGINT)  # ignored: no KeyboardInterrupt
+        raise jaxtag.JaxtagError("stopped here on purpose")
+
+    monkeypatch.setattr(jaxtag, "load", load)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main("info", checkpoint) == 2
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [signal.SIG_IGN]
+    assert one_line(capsys.readouterr().err) == "jaxtag info: stopped here on purpose"
+
+
 def test_ctrl_c_that_a_library_turned_into_its_own_error_is_an_interrupt(
     tmp_path, checkpoint, monkeypatch, capsys
 ):
