@@ -280,9 +280,10 @@ class Scored:
 
 
 @dataclasses.dataclass
-class _File:
-    """A decoded file waiting for the model: its windows are `mel[:, s:s+256]` for s in `starts`
-    (each distinct start once); `file_rows`/`window_rows` index `starts`."""
+class Decoded:
+    """A decoded input waiting for the model (`decode`; jaxtag/serving.py scores it too): its
+    windows are `mel[:, s:s+256]` for s in `starts` (each distinct start once);
+    `file_rows`/`window_rows` index `starts`."""
 
     path: str
     duration: float = 0.0
@@ -293,6 +294,10 @@ class _File:
     outputs: np.ndarray | None = None
     scored: int = 0
     error: str | None = None
+
+    def window(self, row: int) -> np.ndarray:
+        """The (n_mels, 256) window that starts at `starts[row]`."""
+        return self.mel[:, self.starts[row] : self.starts[row] + audio.CHUNK_FRAMES]
 
 
 def source_name(source: Source) -> str:
@@ -309,20 +314,22 @@ def log_mel_of(source: Source) -> tuple[np.ndarray | streaming.SpilledLogMel, fl
     return streaming.open_log_mel(source)
 
 
-def _decode(source: Source, windows: bool) -> _File:
+def decode(source: Source, windows: bool) -> Decoded:
+    """An input's log-mel and the distinct window starts its prediction (and, with `windows`,
+    its taggram) needs; an input that cannot be used comes back with `error` set."""
     path = source_name(source)
     try:
         mel, duration = log_mel_of(source)
     except (audio.AudioError, OSError, ValueError) as err:
-        return _File(path, error=str(err))
+        return Decoded(path, error=str(err))
     short = audio.too_short(mel.shape[-1])
     if short:
-        return _File(path, error=f"{path}: {short}")
+        return Decoded(path, error=f"{path}: {short}")
     mel = audio.pad_to(mel)
     file_starts = file_window_starts(mel.shape[-1])
     window_starts = audio.sliding_window_starts(mel.shape[-1]) if windows else file_starts[:0]
     starts = np.unique(np.concatenate([file_starts, window_starts]))
-    return _File(
+    return Decoded(
         path,
         duration,
         mel,
@@ -332,19 +339,20 @@ def _decode(source: Source, windows: bool) -> _File:
     )
 
 
-def _decoded_ahead(paths: list[Source], windows: bool, workers: int) -> Iterator[_File]:
+def _decoded_ahead(paths: list[Source], windows: bool, workers: int) -> Iterator[Decoded]:
     """Decoded files in order; a few files ahead of the consumer, not all of them (memory)."""
     ahead = 2 * workers
     with ThreadPoolExecutor(workers) as pool:
-        pending = deque(pool.submit(_decode, p, windows) for p in paths[:ahead])
+        pending = deque(pool.submit(decode, p, windows) for p in paths[:ahead])
         for index in range(len(paths)):
             decoded = pending.popleft().result()
             if index + ahead < len(paths):
-                pending.append(pool.submit(_decode, paths[index + ahead], windows))
+                pending.append(pool.submit(decode, paths[index + ahead], windows))
             yield decoded
 
 
-def _result(scorer: WindowScorer, item: _File) -> Scored:
+def result_of(scorer: WindowScorer, item: Decoded) -> Scored:
+    """The Scored of an input whose `outputs` are all in (or that failed to decode)."""
     if item.error:
         return Scored(item.path, error=item.error)
     result = Scored(item.path, item.duration, item.outputs[item.file_rows].mean(axis=0))
@@ -376,13 +384,11 @@ def score_files(
     paths = list(paths)
     bar = tqdm(total=len(paths), unit="file", desc="files", disable=not progress or len(paths) < 2)
     started, audio_seconds = time.perf_counter(), 0.0
-    waiting: deque[_File] = deque()  # in input order, each until all its windows are scored
-    batch: list[tuple[_File, int]] = []
+    waiting: deque[Decoded] = deque()  # in input order, each until all its windows are scored
+    batch: list[tuple[Decoded, int]] = []
 
     def run_batch() -> None:
-        inputs = np.stack(
-            [f.mel[:, f.starts[r] : f.starts[r] + audio.CHUNK_FRAMES] for f, r in batch]
-        )
+        inputs = np.stack([item.window(row) for item, row in batch])
         outputs = scorer.predict_windows(inputs)
         for (item, row), output in zip(batch, outputs, strict=True):
             if item.outputs is None:
@@ -399,7 +405,7 @@ def score_files(
             bar.update(1)
             rate = audio_seconds / 60 / max(time.perf_counter() - started, 1e-9)
             bar.set_postfix_str(f"{rate:.1f} audio min/s", refresh=False)
-            yield _result(scorer, item)
+            yield result_of(scorer, item)
 
     for item in _decoded_ahead(paths, windows, workers):
         waiting.append(item)

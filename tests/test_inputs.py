@@ -72,7 +72,7 @@ def test_clips_under_a_second_are_reported_as_the_builders_report_them(tmp_path,
 
 
 def test_the_jax_batch_follows_the_windows_waiting(monkeypatch, tagger):
-    scorer = tagger._scorer("probabilities")
+    scorer = tagger.window_scorer("probabilities")
     seen = []
     predict = scorer._predict
     monkeypatch.setattr(scorer, "_predict", lambda w: (seen.append(len(w)), predict(w))[1])

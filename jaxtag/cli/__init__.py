@@ -40,6 +40,7 @@ COMMANDS = {
         "draw attention and tag-wise contribution heat maps for a chunk",
     ),
     "export": ("jaxtag.cli.export", "write a checkpoint as an ONNX file for serving without JAX"),
+    "serve": ("jaxtag.cli.serve", "serve a model over HTTP, with a page to try it in a browser"),
 }
 
 

@@ -75,6 +75,11 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LIST",
         help="also process the paths in LIST, one a line ('-': stdin)",
     )
+    add_model_arguments(parser)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --batch-size and --engine (`tag`, `embed`, `serve`)."""
     parser.add_argument("--checkpoint", required=True, metavar="SRC", help=CHECKPOINT_HELP)
     parser.add_argument(
         "--batch-size", type=positive_int, default=16, help="windows per model call (default 16)"
