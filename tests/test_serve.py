@@ -20,10 +20,9 @@ from fastapi.testclient import TestClient
 
 import jaxtag
 from jaxtag import audio, cli
-from jaxtag.server.app import create_app
+from jaxtag.server.app import create_app, serving_in_background
 from jaxtag.serving import Limits, Service, upload_name
 from tests.data_fixtures import write_audio, write_corrupt
-from tests.serve_fixtures import running_server
 from tests.tag_fixtures import TAGS, make_checkpoint, write_library
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,7 +271,7 @@ def test_32_concurrent_requests_share_model_calls_and_each_gets_its_own_answer(
         return predict(windows)
 
     monkeypatch.setattr(batcher.scorer, "predict_windows", slow_first_call)
-    with running_server(service) as url, httpx.Client(base_url=url, timeout=120) as http:
+    with serving_in_background(service) as url, httpx.Client(base_url=url, timeout=120) as http:
 
         def ask(i: int) -> dict:
             response = http.post("/api/tag", files=upload(paths[i], f"song{i}.wav"))

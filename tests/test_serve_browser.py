@@ -18,9 +18,9 @@ import pytest
 
 import jaxtag
 from jaxtag import audio
+from jaxtag.server.app import serving_in_background
 from jaxtag.serving import Service
 from tests.data_fixtures import write_audio
-from tests.serve_fixtures import running_server
 from tests.tag_fixtures import make_checkpoint
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -66,7 +66,7 @@ def test_the_page_tags_draws_the_taggram_and_explains_a_clicked_chunk(browser, t
     def state() -> str:
         return browser.execute_script("return document.body.dataset.state || ''")
 
-    with running_server(service) as url:
+    with serving_in_background(service) as url:
         browser.get(url)
         wait.until(lambda _: state() == "ready")
         assert f"{len(tagger.tags)} tags" in browser.find_element(By.ID, "model").text

@@ -16,10 +16,13 @@ temporary folder, read there and removed; no request names a server-side path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +155,28 @@ def create_app(service: Service) -> Any:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(UploadLimit, max_bytes=service.limits.max_upload_bytes)
     return app
+
+
+@contextlib.contextmanager
+def serving_in_background(
+    service: Service, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[str]:
+    """Serves `service` with uvicorn in a thread until the block ends (a notebook, a test, a
+    benchmark); yields the base URL. Port 0 takes a free one."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    sock = config.bind_socket()
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server on {host}:{port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
