@@ -10,7 +10,7 @@ VENV312 ?= .venv312
 # jaxtag's own deprecated calls fail the 3.12 job (other packages' deprecations stay warnings).
 OWN_DEPRECATIONS := error::DeprecationWarning:(jaxtag|data_prep|configs)(\.|$$)
 
-.PHONY: setup setup-test setup-py312 demo test test-fast test-py312 lint format bench clean-demo
+.PHONY: setup setup-test setup-py312 demo test test-fast test-py312 lint format bench clean-demo readme-figure
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ demo: setup
 		--config.data_dir $(DEMO_DIR)/data
 	$(PY) run_eval.py --checkpoint $(DEMO_DIR)/run --dataset synthetic_tags \
 		--data_dir $(DEMO_DIR)/data --split test
+
+# The README's explain figure (docs/explain_demo.png), from the demo model: run `make demo` first.
+# A held-out synthetic clip (plucked 2.45-4.77 s, drums 4.96-7.96 s, hi-hat ticks: fast).
+readme-figure: setup
+	$(PY) -m data_prep.synth $(DEMO_DIR)/example.wav --seed 7 --index 1
+	$(VENV)/bin/jaxtag explain $(DEMO_DIR)/example.wav --checkpoint $(DEMO_DIR)/run --start 2.0 \
+		--tags plucked,drums,fast --out docs/explain_demo.png
 
 # Every test (about 15 minutes on 2 cores); `make test-fast` leaves out the `slow` ones
 # (subprocess and end-to-end runs: wheel build, demo, several processes, training runs).

@@ -245,12 +245,14 @@ class Tagger:
         tags: Sequence[str] | None = None,
         layer: int = -1,
         sr: int | None = None,
+        file_tags: bool = True,
     ) -> Explanation:
         """The attention and tag-wise contribution maps of the ~4.1 s chunk at `start` seconds
         (computed with JAX whatever the engine): an `Explanation` holding them as arrays, whose
         `plot(path)` draws the figure of `jaxtag explain`. `tags`: the tags to map (default:
         the chunk's top 3); `layer`: the encoder layer whose attention is swapped (default the
-        last)."""
+        last); `file_tags`: also score the whole input (`predict`) for the figure's title
+        (`Explanation.file_probs`); False reads only the chunk and half a second around it."""
         from jaxtag import audio as audio_lib
         from jaxtag import explain, streaming
 
@@ -277,7 +279,8 @@ class Tagger:
             chosen = [self.tags[i] for i in np.argsort(-maps["probs"], kind="stable")[:3]]
         start_seconds = float(audio_lib.frames_to_seconds(start_frame))
         name = scoring.source_name(source)
-        return explain.Explanation(name, start_seconds, self.tags, chosen, maps)
+        file_probs = self.predict(audio, sr) if file_tags else None
+        return explain.Explanation(name, start_seconds, self.tags, chosen, maps, file_probs)
 
     def export(self, out: str | os.PathLike, check: bool = True, overwrite: bool = False) -> Path:
         """Writes the model as an ONNX file (inputs: log-mel chunks; outputs: probabilities and

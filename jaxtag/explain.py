@@ -5,7 +5,8 @@ frame (summed over queries, averaged over heads), the last layer's CLS-row atten
 averaged, and the tag-wise contribution maps of the paper: in a chosen layer the attention
 probabilities are replaced by a one-hot on position t, for every t, and each tag's output is
 read. All positions are computed in one vectorised, jitted call; the layers before the chosen one
-run once. `Explanation.plot` draws them (the figure of `jaxtag explain`).
+run once. `Explanation.plot` draws them (the figure of `jaxtag explain`, drawn by
+`jaxtag.explain_figure`).
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class Explanation:
     `maps` holds `mel` (n_mels, frames), `probs` (tags,) the chunk's sigmoid outputs,
     `first_layer_received` (frames,), `last_layer_cls_heads` (heads, frames),
     `last_layer_cls_mean` (frames,), `contributions` (frames, tags) and `contribution_layer`
-    (see `explain_chunk`). `chosen` are the tags the figure maps.
+    (see `explain_chunk`). `chosen` are the tags the figure maps. `file_probs` are the whole
+    file's tag probabilities (`Tagger.predict`), or None when only the chunk was read.
     """
 
     source: str  # the file, or "waveform"
@@ -87,6 +89,7 @@ class Explanation:
     tags: list[str]
     chosen: list[str]
     maps: dict[str, np.ndarray]
+    file_probs: np.ndarray | None = None  # (tags,) the whole file's probabilities, if computed
 
     @property
     def probabilities(self) -> dict[str, float]:
@@ -105,58 +108,17 @@ class Explanation:
         return self.start + np.asarray(audio.frames_to_seconds(np.arange(frames)))
 
     def title(self) -> str:
-        order = np.argsort(-self.maps["probs"], kind="stable")[:5]
-        top = ", ".join(f"{self.tags[i]} {self.maps['probs'][i]:.2f}" for i in order)
-        return f"{Path(self.source).name} @ {self.start:.1f} s — {top}"
+        """The figure's title: the file, the chunk's span, the file's and the chunk's top tags."""
+        from jaxtag import explain_figure
+
+        return explain_figure.title(self)
 
     def figure(self) -> Any:
-        """The matplotlib Figure: mel, first-layer attention, last-layer CLS attention per head
-        and averaged, tag-wise maps (min-max scaled per tag)."""
-        import matplotlib
+        """The matplotlib Figure (`jaxtag.explain_figure.draw_explanation`): log-mel, first-layer
+        attention received, last-layer CLS attention per head and averaged, tag-wise maps."""
+        from jaxtag import explain_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        maps, chosen = self.maps, self.chosen
-        frames = maps["mel"].shape[-1]
-        extent_t = (self.start, self.start + float(audio.frames_to_seconds(frames)))
-        heads = maps["last_layer_cls_heads"].shape[0]
-        ratios = [3, 1.2, max(heads, 2) * 0.35, 1.2, max(len(chosen), 1) * 0.5 + 0.5]
-        fig, axes = plt.subplots(
-            5, 1, figsize=(10, 11), sharex=True, gridspec_kw={"height_ratios": ratios}
-        )
-        axes[0].imshow(
-            maps["mel"],
-            origin="lower",
-            aspect="auto",
-            cmap="magma",
-            extent=(*extent_t, 0, maps["mel"].shape[0]),
-        )
-        axes[0].set_ylabel("mel bin")
-        axes[0].set_title(self.title(), fontsize=10)
-        axes[1].plot(self.times, maps["first_layer_received"], color="tab:blue")
-        axes[1].set_ylabel("layer 1\nreceived")
-        axes[2].imshow(
-            maps["last_layer_cls_heads"],
-            aspect="auto",
-            cmap="viridis",
-            extent=(*extent_t, heads, 0),
-        )
-        axes[2].set_ylabel("last layer\nCLS, per head")
-        axes[3].plot(self.times, maps["last_layer_cls_mean"], color="tab:green")
-        axes[3].set_ylabel("last layer\nCLS, mean")
-        axes[4].imshow(
-            _normalise(self.contributions.T),
-            aspect="auto",
-            cmap="inferno",
-            extent=(*extent_t, len(chosen), 0),
-            interpolation="nearest",
-        )
-        axes[4].set_yticks(np.arange(len(chosen)) + 0.5, chosen)
-        axes[4].set_ylabel(f"tag-wise (layer {int(maps['contribution_layer']) + 1})")
-        axes[4].set_xlabel("time (s)")
-        fig.tight_layout()
-        return fig
+        return explain_figure.draw_explanation(self)
 
     def plot(self, out: str | Path) -> Path:
         """Writes the figure to `out`, atomically, in the format its suffix names (png, pdf...)."""
@@ -169,18 +131,22 @@ class Explanation:
         fig = self.figure()
         try:
             with atomic_write(out, "wb") as f:
-                fig.savefig(f, format=suffix, dpi=80)
+                fig.savefig(f, format=suffix, dpi=100)
         finally:
             plt.close(fig)
         return Path(out)
 
     def save_npz(self, out: str | Path) -> Path:
-        """Writes the raw maps, the tags and the start time to an .npz, atomically."""
+        """Writes the raw maps, the tags, the start time and `file_probs` (when known) to an
+        .npz, atomically."""
         from jaxtag.fileio import atomic_write
 
         check_destinations(None, out)
+        extra = {} if self.file_probs is None else {"file_probs": np.asarray(self.file_probs)}
         with atomic_write(out, "wb") as f:
-            np.savez_compressed(f, tags=np.array(self.tags), start_seconds=self.start, **self.maps)
+            np.savez_compressed(
+                f, tags=np.array(self.tags), start_seconds=self.start, **self.maps, **extra
+            )
         return Path(out)
 
 
@@ -204,7 +170,7 @@ EXPLAIN_NPZ_KEYS = {
     "mel",
     "probs",
     "contributions",
-}  # Explanation.save_npz
+}  # Explanation.save_npz (which may add file_probs: not required, older files lack it)
 
 
 def is_figure(path: str, suffix: str) -> bool:
@@ -259,12 +225,6 @@ def check_destinations(
             f"{npz} exists and is not an .npz of explain's maps, so it was left untouched; "
             "choose another path"
         )
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    """Per-row min-max scaling so each tag's map uses the full colour range."""
-    lo, hi = x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
-    return (x - lo) / np.maximum(hi - lo, 1e-12)
 
 
 def figure_format(out: str | Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -15,17 +16,22 @@ SMALL = ModelConfig(conv_channels=2, width=64, num_layers=2, num_heads=4, ffn_si
 TAGS = ["guitar", "drums", "slow", "piano", "loud", "vocal"]
 
 
-def small_variables(seed: int = 0) -> dict:
+def small_variables(seed: int = 0, config: ModelConfig = SMALL) -> dict:
     """Random weights; the input BatchNorm normalises dB values so the outputs are not saturated."""
-    variables = init_variables(SMALL, jax.random.PRNGKey(seed))
+    variables = init_variables(config, jax.random.PRNGKey(seed))
     variables = jax.tree_util.tree_map(np.array, variables)
     variables["batch_stats"]["front_end"]["input_bn"]["mean"][:] = -30.0
     variables["batch_stats"]["front_end"]["input_bn"]["var"][:] = 20.0**2
     return variables
 
 
-def make_checkpoint(directory: Path, variables: dict | None = None) -> Path:
-    return save_model(directory, variables or small_variables(), SMALL, TAGS)
+def make_checkpoint(
+    directory: Path, variables: dict | None = None, tags: list[str] | None = None
+) -> Path:
+    """A checkpoint of the SMALL model; other `tags` than TAGS resize its output layer."""
+    tags = TAGS if tags is None else tags
+    config = dataclasses.replace(SMALL, num_tags=len(tags))
+    return save_model(directory, variables or small_variables(config=config), config, tags)
 
 
 def write_library(root: Path, seconds: list[float]) -> list[str]:

@@ -301,10 +301,9 @@ def test_explain_decodes_only_around_the_chunk(small_case, tmp_path, monkeypatch
 
     monkeypatch.setattr(audio, "load_audio", recording_load_audio)
     npz = tmp_path / "maps.npz"
-    assert (
-        _explain(checkpoint, wav, tmp_path / "fig.png", "--start", "20", "--save-npz", str(npz))
-        == 0
-    )
+    argv = ["--start", "20", "--save-npz", str(npz), "--chunk-only"]  # no whole-file tags
+    assert _explain(checkpoint, wav, tmp_path / "fig.png", *argv) == 0
+    assert "file_probs" not in np.load(npz).files
     chunk_seconds = audio.frames_to_seconds(audio.CHUNK_FRAMES)
     assert decoded and max(decoded) <= (chunk_seconds + 2 * streaming.MARGIN_SECONDS + 0.1) * 16_000
 

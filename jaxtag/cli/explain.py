@@ -3,8 +3,10 @@
 `jaxtag explain FILE --checkpoint SRC --out fig.png` draws, for the ~4.1 s chunk of FILE that
 starts at `--start` (`Tagger.explain`): the log-mel, the first layer's attention received by
 each frame, the last layer's CLS-row attention per head and averaged, and the tag-wise
-contribution maps. The figure format follows the suffix of `--out` (png, pdf, svg, ...). Only
-the chunk and half a second around it are decoded, so a chunk of an hour-long file is quick.
+contribution maps; its title lists the whole file's top tags (the file is scored as `jaxtag
+tag` does, streamed) and the chunk's. The figure format follows the suffix of `--out` (png, pdf,
+svg, ...). With `--chunk-only` only the chunk and half a second around it are decoded, so a chunk
+of an hour-long file is quick.
 
 `--out` and `--save-npz` are checked before any work: not a directory, not FILE or the model's
 own file, not each other, in a folder that can be written; an existing one is replaced only if it
@@ -40,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--layer", type=int, default=-1, help="encoder layer for the tag-wise maps (default: last)"
     )
     parser.add_argument("--save-npz", default=None, help="also write the raw maps to this .npz")
+    parser.add_argument(
+        "--chunk-only",
+        action="store_true",
+        help="read only the chunk (quick on a very long file); the title then lists the chunk's "
+        "top tags but not the whole file's",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +59,13 @@ def run(args: argparse.Namespace) -> int:
         check_destinations(args.out, args.save_npz, [args.file, args.checkpoint])
         tagger = jaxtag.load(args.checkpoint, engine="jax")
         tags = args.tags.split(",") if args.tags else None
-        explanation = tagger.explain(args.file, start=args.start, tags=tags, layer=args.layer)
+        explanation = tagger.explain(
+            args.file,
+            start=args.start,
+            tags=tags,
+            layer=args.layer,
+            file_tags=not args.chunk_only,
+        )
         explanation.plot(args.out)
         print(f"figure written to {args.out}")
         if args.save_npz:
