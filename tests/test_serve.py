@@ -318,3 +318,23 @@ def test_jaxtag_serve_help_says_it_binds_to_this_machine(capsys):
         cli.main(["serve", "--help"])
     out = capsys.readouterr().out
     assert "127.0.0.1" in out and "--max-upload-mb" in out and "--max-seconds" in out
+
+
+def test_a_port_in_use_or_a_bad_limit_is_one_line_before_the_model_loads(checkpoint, capsys):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code = cli.main(["serve", "--checkpoint", "no-such-model", "--port", str(port)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"jaxtag serve: cannot listen on 127.0.0.1:{port} (Address already in use)"
+    for flag, value in (
+        ("--max-upload-mb", "0"),
+        ("--max-seconds", "inf"),
+        ("--max-seconds", "nan"),
+    ):
+        assert cli.main(["serve", "--checkpoint", str(checkpoint), flag, value]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"jaxtag serve: {flag} must be a number > 0, got {float(value):g}"
+        )

@@ -10,6 +10,7 @@ only) unless --host says otherwise. Needs pip install 'jaxtag[serve]'.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from jaxtag.cli import common
@@ -57,25 +58,25 @@ def run(args: argparse.Namespace) -> int:
         problem = missing_extra()
         if problem:
             raise common.JaxtagError(problem)
-        if not (args.max_upload_mb > 0 and args.max_seconds > 0):
-            raise common.JaxtagError("--max-upload-mb and --max-seconds must be > 0")
+        for flag, value in (
+            ("--max-upload-mb", args.max_upload_mb),
+            ("--max-seconds", args.max_seconds),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                raise common.JaxtagError(f"{flag} must be a number > 0, got {value:g}")
         import uvicorn
 
         import jaxtag
-        from jaxtag.server.app import create_app
+        from jaxtag.server.app import create_app, listen
         from jaxtag.serving import Limits, Service
 
+        sock = listen(args.host, args.port)  # before the model loads: a port in use says so now
         tagger = jaxtag.load(args.checkpoint, engine=args.engine, batch_size=args.batch_size)
-        limits = Limits(int(args.max_upload_mb * 2**20), args.max_seconds)
-        service = Service(tagger, limits)
-        config = uvicorn.Config(
-            create_app(service), host=args.host, port=args.port, log_level="warning"
-        )
+        service = Service(tagger, Limits(int(args.max_upload_mb * 2**20), args.max_seconds))
+        config = uvicorn.Config(create_app(service), log_level="warning")
         server = uvicorn.Server(config)
-        config.load()
-        sockets = [config.bind_socket()]
-        host, port = sockets[0].getsockname()[:2]
-        reach = "this machine only" if host in ("127.0.0.1", "::1", "localhost") else "the network"
+        host, port = sock.getsockname()[:2]
+        reach = "this machine only" if host in ("127.0.0.1", "::1") else "the network"
         print(
             f"jaxtag serve: {tagger.path.name} ({len(tagger.tags)} tags, {tagger.engine} engine) "
             f"on http://{host}:{port} ({reach}); Ctrl-C stops",
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
         try:
-            server.run(sockets=sockets)
+            server.run(sockets=[sock])
         finally:
             service.close()
         return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -33,6 +34,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from jaxtag.errors import JaxtagError
 from jaxtag.serving import Service, ServiceError, upload_name, upload_suffix
 
 STATIC = Path(__file__).parent / "static"
@@ -157,6 +159,22 @@ def create_app(service: Service) -> Any:
     return app
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on `host`:`port` (port 0: a free one).
+
+    Raises:
+      JaxtagError: the address cannot be used (in use, not this machine's, a bad port).
+    """
+    if not 0 <= port <= 65535:
+        raise JaxtagError(f"port must be in 0-65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as err:
+        why = os.strerror(err.errno) if err.errno else str(err)
+        raise JaxtagError(f"cannot listen on {host}:{port} ({why})") from err
+
+
 @contextlib.contextmanager
 def serving_in_background(
     service: Service, host: str = "127.0.0.1", port: int = 0
@@ -167,7 +185,7 @@ def serving_in_background(
 
     config = uvicorn.Config(create_app(service), host=host, port=port, log_level="warning")
     server = uvicorn.Server(config)
-    sock = config.bind_socket()
+    sock = listen(host, port)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
