@@ -10,7 +10,7 @@ VENV312 ?= .venv312
 # jaxtag's own deprecated calls fail the 3.12 job (other packages' deprecations stay warnings).
 OWN_DEPRECATIONS := error::DeprecationWarning:(jaxtag|data_prep|configs)(\.|$$)
 
-.PHONY: setup setup-test setup-py312 demo test test-fast test-py312 lint format bench clean-demo readme-figure
+.PHONY: setup setup-test setup-py312 demo test test-fast test-py312 lint format bench clean-demo readme-figure setup-browser serve-screenshot
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,9 +43,26 @@ readme-figure: setup
 	$(VENV)/bin/jaxtag explain $(DEMO_DIR)/example.wav --checkpoint $(DEMO_DIR)/run --start 2.0 \
 		--tags plucked,drums,fast --out docs/explain_demo.png
 
+# Debian's chromium and chromium-driver for the browser test (tests/test_serve_browser.py), as
+# root or through sudo; nothing to do where both are installed.
+setup-browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+			>/dev/null; }
+
+# The screenshot of `jaxtag serve`'s page in docs/serving.md: the browser test on the demo model
+# and the README figure's clip (run `make demo` first).
+serve-screenshot: setup-test setup-browser
+	$(PY) -m data_prep.synth $(DEMO_DIR)/example.wav --seed 7 --index 1
+	JAXTAG_SCREENSHOT=docs/serve_page.png JAXTAG_SCREENSHOT_CHECKPOINT=$(DEMO_DIR)/run \
+		JAXTAG_SCREENSHOT_AUDIO=$(DEMO_DIR)/example.wav \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_serve_browser.py
+
 # Every test (about 15 minutes on 2 cores); `make test-fast` leaves out the `slow` ones
 # (subprocess and end-to-end runs: wheel build, demo, several processes, training runs).
-test: setup-test lint
+test: setup-test setup-browser lint
 	$(PY) -m pytest -q --durations=15
 
 test-fast: setup-test lint
@@ -55,7 +72,7 @@ test-fast: setup-test lint
 $(VENV312)/.installed: pyproject.toml
 	$(PYTHON312) -m venv $(VENV312)
 	$(VENV312)/bin/python -m pip install -q --upgrade pip
-	$(VENV312)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[train,export]' pytest
+	$(VENV312)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[train,export,serve]' pytest httpx selenium
 	touch $@
 
 setup-py312: $(VENV312)/.installed

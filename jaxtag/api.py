@@ -216,7 +216,7 @@ class Tagger:
         chunks): `(N, tags)` probabilities, or `(N, D)` vectors of a layer (see `layers`)."""
         if output != "probabilities":
             self._check_layer(output)
-        return self._scorer(output).predict_windows(np.asarray(windows, np.float32))
+        return self.window_scorer(output).predict_windows(np.asarray(windows, np.float32))
 
     def score(
         self,
@@ -233,7 +233,7 @@ class Tagger:
         if output != "probabilities":
             self._check_layer(output)
         sources = (self._source(item, sr) for item in inputs)
-        yield from scoring.score_files(self._scorer(output), sources, windows, progress)
+        yield from scoring.score_files(self.window_scorer(output), sources, windows, progress)
 
     # ------------------------------------------------------------------------------------------
     # Explanations and export
@@ -293,7 +293,8 @@ class Tagger:
 
     # ------------------------------------------------------------------------------------------
 
-    def _scorer(self, output: str) -> scoring.WindowScorer:
+    def window_scorer(self, output: str = "probabilities") -> scoring.WindowScorer:
+        """The model as a function of its windows, for one output (built once, then kept)."""
         if output not in self._scorers:
             self._scorers[output] = scoring.WindowScorer(
                 self.model, self.batch_size, output, self.requested_engine

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from jaxtag import audio
 from jaxtag.checkpoint import LoadedModel
 from jaxtag.errors import JaxtagError
 from jaxtag.model import MTSA, attention_maps, build_model
+
+FIGURE_DPI = 100
+_PYPLOT = threading.Lock()
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -122,19 +126,24 @@ class Explanation:
 
     def plot(self, out: str | Path) -> Path:
         """Writes the figure to `out`, atomically, in the format its suffix names (png, pdf...)."""
-        import matplotlib.pyplot as plt
-
         from jaxtag.fileio import atomic_write
 
         check_destinations(out)
         suffix = figure_format(out)
-        fig = self.figure()
-        try:
-            with atomic_write(out, "wb") as f:
-                fig.savefig(f, format=suffix, dpi=100)
-        finally:
-            plt.close(fig)
+        with atomic_write(out, "wb") as f:
+            self.write_figure(f, suffix)
         return Path(out)
+
+    def write_figure(self, file: Any, format: str = "png") -> None:
+        """Draws the figure into an open binary file (`plot` and `jaxtag serve` call this)."""
+        import matplotlib.pyplot as plt
+
+        with _PYPLOT:  # pyplot's figure registry is global: one figure at a time
+            fig = self.figure()
+            try:
+                fig.savefig(file, format=format, dpi=FIGURE_DPI)
+            finally:
+                plt.close(fig)
 
     def save_npz(self, out: str | Path) -> Path:
         """Writes the raw maps, the tags, the start time and `file_probs` (when known) to an

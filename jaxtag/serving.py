@@ -207,12 +207,14 @@ class Service:
     def explanation(
         self, path: str, name: str, start: float, tags: Sequence[str] | None = None
     ) -> Explanation:
-        """`Tagger.explain` of the uploaded file's chunk at `start` seconds."""
+        """`Tagger.explain` of the uploaded file's chunk at `start` seconds; the file's own
+        probabilities (the figure's title) come through the batcher like any request's."""
         self._check_duration(path, name)
         try:
-            explained = self.tagger.explain(path, start=start, tags=tags)
+            explained = self.tagger.explain(path, start=start, tags=tags, file_tags=False)
         except JaxtagError as err:
             raise ServiceError(_renamed(str(err), path, name)) from err
+        explained.file_probs = self._scored(path, name, "probabilities", windows=False).output
         explained.source = name
         return explained
 
@@ -244,15 +246,8 @@ class Service:
         """The figure of `jaxtag explain` for that chunk, as PNG bytes, and the chunk's start
         (`start` on the frame grid)."""
         explained = self.explanation(path, name, start, tags)
-        with _FIGURES:  # pyplot's figure registry is global
-            import matplotlib.pyplot as plt
-
-            figure = explained.figure()
-            try:
-                buffer = io.BytesIO()
-                figure.savefig(buffer, format="png", dpi=80)
-            finally:
-                plt.close(figure)
+        buffer = io.BytesIO()
+        explained.write_figure(buffer, "png")
         return buffer.getvalue(), explained.start
 
     # ------------------------------------------------------------------------------------------
@@ -298,9 +293,6 @@ class Service:
         if result.error:
             raise ServiceError(_renamed(result.error, path, name), status=500)
         return result
-
-
-_FIGURES = threading.Lock()
 
 
 def _renamed(message: str, path: str, name: str) -> str:
