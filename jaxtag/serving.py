@@ -141,8 +141,9 @@ class Service:
     """The tagger behind `jaxtag serve`: each method takes an uploaded file (saved at `path`;
     `name` is the client's file name) and returns what the HTTP API sends back as JSON."""
 
-    def __init__(self, tagger: Tagger, limits: Limits | None = None):
+    def __init__(self, tagger: Tagger, limits: Limits | None = None, name: str | None = None):
         self.tagger = tagger
+        self.name = name or tagger.path.name  # how /api/health and the page name the model
         self.limits = limits or Limits()
         self._batchers: dict[str, WindowBatcher] = {}
         self._lock = threading.Lock()
@@ -163,7 +164,7 @@ class Service:
         tagger = self.tagger
         return {
             "status": "ok",
-            "model": tagger.path.name,
+            "model": self.name,
             "source": tagger.meta.get("source"),
             "tags": tagger.tags,
             "engine": tagger.engine,

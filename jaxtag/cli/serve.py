@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from jaxtag.cli import common
@@ -72,13 +73,15 @@ def run(args: argparse.Namespace) -> int:
 
         sock = listen(args.host, args.port)  # before the model loads: a port in use says so now
         tagger = jaxtag.load(args.checkpoint, engine=args.engine, batch_size=args.batch_size)
-        service = Service(tagger, Limits(int(args.max_upload_mb * 2**20), args.max_seconds))
+        limits = Limits(int(args.max_upload_mb * 2**20), args.max_seconds)
+        name = os.path.basename(os.path.normpath(args.checkpoint))  # "run", not its step "500"
+        service = Service(tagger, limits, name)
         config = uvicorn.Config(create_app(service), log_level="warning")
         server = uvicorn.Server(config)
         host, port = sock.getsockname()[:2]
         reach = "this machine only" if host in ("127.0.0.1", "::1") else "the network"
         print(
-            f"jaxtag serve: {tagger.path.name} ({len(tagger.tags)} tags, {tagger.engine} engine) "
+            f"jaxtag serve: {name} ({len(tagger.tags)} tags, {tagger.engine} engine) "
             f"on http://{host}:{port} ({reach}); Ctrl-C stops",
             file=sys.stderr,
             flush=True,
