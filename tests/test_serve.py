@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +20,7 @@ from jaxtag import audio, cli
 from jaxtag.server.app import create_app, serving_in_background
 from jaxtag.serving import Limits, Service, upload_name
 from tests.data_fixtures import write_audio, write_corrupt
+from tests.serve_process import jaxtag_serve, stopped
 from tests.tag_fixtures import TAGS, make_checkpoint, write_library
 
 REPO = Path(__file__).resolve().parents[1]
@@ -294,22 +292,14 @@ def test_32_concurrent_requests_share_model_calls_and_each_gets_its_own_answer(
 
 
 def test_jaxtag_serve_says_where_it_listens_answers_and_stops_on_ctrl_c(checkpoint, library):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "jaxtag", "serve", "--checkpoint", str(checkpoint), "--port", "0"],
-        stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    try:
-        line = process.stderr.readline()
-        assert "on http://127.0.0.1:" in line and "(this machine only)" in line, line
-        url = line.split("on ", 1)[1].split()[0]
+    with jaxtag_serve(checkpoint) as (url, line):
+        assert "(this machine only)" in line and url.startswith("http://127.0.0.1:"), line
         health = httpx.get(f"{url}/api/health", timeout=30).json()
-        assert health["tags"] == TAGS
+        assert health["tags"] == TAGS and health["model"] == "ckpt"
         answer = httpx.post(f"{url}/api/tag", files=upload(library[3]), timeout=60).json()
         assert [t["label"] for t in answer["tags"]]
-    finally:
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=60)
-    assert process.returncode in (0, 130), err
+    err = stopped["stderr"]
+    assert stopped["returncode"] in (0, 130), err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "jaxtag serve: stopped"
 
 

@@ -1,8 +1,9 @@
 """`jaxtag serve`'s page in a real browser: headless Chromium from the system's packages
 (Debian's chromium and chromium-driver; `make setup-browser`), driven through ChromeDriver.
 
-The test uploads a generated clip and checks that the top tags, the taggram (drawn, with the
-playhead following the player) and, after a click on the taggram, the explain figure appear.
+The test starts `jaxtag serve` on a free port, uploads a generated clip and checks that the top
+tags, the taggram (drawn, with the playhead following the player) and, after a click on the
+taggram, the explain figure appear.
 With `JAXTAG_SCREENSHOT=PATH` it also saves a screenshot of the page there (what
 `make serve-screenshot` does for docs/serving.md, with the demo model:
 `JAXTAG_SCREENSHOT_CHECKPOINT`, `JAXTAG_SCREENSHOT_AUDIO`).
@@ -18,9 +19,8 @@ import pytest
 
 import jaxtag
 from jaxtag import audio
-from jaxtag.server.app import serving_in_background
-from jaxtag.serving import Service
 from tests.data_fixtures import write_audio
+from tests.serve_process import jaxtag_serve
 from tests.tag_fixtures import make_checkpoint
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -60,13 +60,12 @@ def test_the_page_tags_draws_the_taggram_and_explains_a_clicked_chunk(browser, t
     )
     tagger = jaxtag.load(checkpoint)
     expected = tagger.tag(clip, top_k=len(tagger.tags))
-    service = Service(tagger)
     wait = WebDriverWait(browser, 120)
 
     def state() -> str:
         return browser.execute_script("return document.body.dataset.state || ''")
 
-    with serving_in_background(service) as url:
+    with jaxtag_serve(checkpoint) as (url, _):
         browser.get(url)
         wait.until(lambda _: state() == "ready")
         assert f"{len(tagger.tags)} tags" in browser.find_element(By.ID, "model").text
@@ -112,4 +111,3 @@ def test_the_page_tags_draws_the_taggram_and_explains_a_clicked_chunk(browser, t
             browser.execute_script("window.scrollTo(0, 0)")
             Path(screenshot).parent.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(screenshot)
-    service.close()
