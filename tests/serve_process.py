@@ -14,12 +14,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def jaxtag_serve(checkpoint: str | os.PathLike, *options: str) -> Iterator[tuple[str, str]]:
+def jaxtag_serve(
+    checkpoint: str | os.PathLike, *options: str, without: tuple[str, ...] = ()
+) -> Iterator[tuple[str, str]]:
     """Runs `jaxtag serve --checkpoint CHECKPOINT --port 0 OPTIONS` until the block ends, then
-    sends it Ctrl-C; yields (the base URL it printed, its first line). The exit code and the
-    rest of stderr are in `stopped` once the block has ended."""
+    sends it Ctrl-C; yields (the base URL it printed, its first line). `without`: modules that
+    the process cannot import (an install without them). The exit code and the rest of stderr
+    are in `stopped` once the block has ended."""
+    run = (
+        "import sys\n"
+        f"for name in {without!r}:\n"
+        "    sys.modules[name] = None  # `import name` raises ImportError\n"
+        "from jaxtag.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
     process = subprocess.Popen(
-        [sys.executable, "-m", "jaxtag", "serve", "--checkpoint", str(checkpoint), "--port", "0",
+        [sys.executable, "-c", run, "serve", "--checkpoint", str(checkpoint), "--port", "0",
          *options],
         stderr=subprocess.PIPE, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )  # fmt: skip

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -301,6 +303,30 @@ def test_jaxtag_serve_says_where_it_listens_answers_and_stops_on_ctrl_c(checkpoi
     err = stopped["stderr"]
     assert stopped["returncode"] in (0, 130), err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "jaxtag serve: stopped"
+
+
+def test_jaxtag_serve_runs_from_the_core_install_and_the_serve_extra(checkpoint, library):
+    # no train extra (TensorFlow, TFDS, ...) and no export extra (onnx): the jax engine serves
+    core = ("tensorflow", "tensorflow_datasets", "ml_collections", "clu", "sklearn", "onnx",
+            "onnxruntime")  # fmt: skip
+    with jaxtag_serve(checkpoint, without=core) as (url, line):
+        assert "jax engine" in line, line
+        answer = httpx.post(f"{url}/api/tag", files=upload(library[3]), timeout=60)
+        assert answer.status_code == 200 and len(answer.json()["probabilities"]) == len(TAGS)
+
+
+def test_without_the_serve_extra_jaxtag_serve_says_what_to_install(checkpoint):
+    code = (
+        "import sys\n"
+        "sys.modules['fastapi'] = sys.modules['uvicorn'] = None\n"
+        "from jaxtag.cli import main\n"
+        f"sys.exit(main(['serve', '--checkpoint', {str(checkpoint)!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "jaxtag serve: fastapi, uvicorn not installed; serving needs: pip install 'jaxtag[serve]'"
+    )
 
 
 def test_jaxtag_serve_help_says_it_binds_to_this_machine(capsys):
