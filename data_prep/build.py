@@ -40,6 +40,8 @@ are refused, listed in the summary as errors and never read.
 examples:
   {prog} synthetic_tags --data_dir ~/tensorflow_datasets
   {prog} magnatagatune --data_dir ~/tfds --manual_dir ~/mtat --config by_count
+
+documented in docs/datasets.md
 """
 
 

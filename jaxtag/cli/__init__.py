@@ -7,6 +7,9 @@ this file only wires them together. Only the module of the command being run is 
 command modules import JAX inside their functions, so `jaxtag --help` and `jaxtag CMD --help`
 answer without loading JAX. The library never imports this package.
 
+Every help ends with the page that documents the command (`DOCS`), after the command module's
+`EXAMPLES`; `jaxtag --help` with the README and docs/.
+
 `main` holds Ctrl-C for the whole command, parsing and imports included (jaxtag/cli/interrupts.py):
 one line and exit 130 wherever it lands (a command's own `common.guarded` says what was kept),
 and the process exits at once.
@@ -43,6 +46,31 @@ COMMANDS = {
     "serve": ("jaxtag.cli.serve", "serve a model over HTTP, with a page to try it in a browser"),
 }
 
+# name -> the page that documents it (each command's --help ends with it).
+DOCS = {
+    "convert": "docs/tagging.md",  # the released weights
+    "info": "docs/tagging.md",
+    "tag": "docs/tagging.md",
+    "embed": "docs/tagging.md",
+    "explain": "docs/tagging.md",
+    "export": "docs/serving.md",
+    "serve": "docs/serving.md",
+}
+TOP_EPILOG = """\
+examples:
+  jaxtag tag song.mp3 --checkpoint ponswon
+  jaxtag COMMAND --help    a command's options, an example and the page documenting it
+
+training: jaxtag-train, jaxtag-eval (docs/training.md); datasets: jaxtag-build (docs/datasets.md)
+documented in README.md and docs/ (tagging, serving, training, datasets, the Python API: api.md)
+"""
+
+
+def command_epilog(name: str, examples: tuple[str, ...]) -> str:
+    """A command's help after its options: its examples, then the page that documents it."""
+    lines = ["example:" if len(examples) == 1 else "examples:", *(f"  {e}" for e in examples), ""]
+    return "\n".join([*(lines if examples else []), f"documented in {DOCS[name]}"])
+
 
 def _chosen_command(argv: list[str]) -> str | None:
     """The subcommand named in argv: the first word that is not an option of `jaxtag` itself."""
@@ -57,6 +85,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxtag",
         description="Self-attention music tagging (Won, Chun & Serra 2019) in JAX/Flax.",
+        epilog=TOP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"jaxtag {jaxtag.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -66,7 +96,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(module_name)
         parser_of_command = sub.add_parser(
-            name, help=help_text, description=module.__doc__.strip().splitlines()[0]
+            name,
+            help=help_text,
+            description=module.__doc__.strip().splitlines()[0],
+            epilog=command_epilog(name, tuple(getattr(module, "EXAMPLES", ()))),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.add_arguments(parser_of_command)
         parser_of_command.set_defaults(run=module.run)

@@ -21,6 +21,12 @@ from pathlib import Path
 
 from jaxtag.cli import common
 
+# One command line each, shown by `jaxtag convert --help` (jaxtag/cli/__init__.py).
+EXAMPLES = (
+    "jaxtag convert ponswon checkpoints/ponswon",
+    "jaxtag convert my_run.pth checkpoints/mine --tags my_tags.txt",
+)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

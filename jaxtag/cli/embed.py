@@ -24,6 +24,9 @@ from jaxtag.cli import common
 from jaxtag.errors import JaxtagError
 from jaxtag.scoring import WINDOW_SECONDS, choose_engine
 
+# One command line each, shown by `jaxtag embed --help` (jaxtag/cli/__init__.py).
+EXAMPLES = ("jaxtag embed music/ --checkpoint ponswon --out embeddings.npz",)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_input_arguments(parser)

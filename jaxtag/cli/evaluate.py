@@ -1,18 +1,18 @@
 r"""Evaluate a checkpoint on a dataset split: macro and per-tag ROC-AUC / PR-AUC.
 
-    jaxtag-eval --checkpoint runs/mtat --data_dir ~/tensorflow_datasets \
-        --dataset magnatagatune --split test
+--checkpoint takes a training workdir (its best checkpoint by validation ROC-AUC), a step
+directory, or a converted ponswon.pth checkpoint. The table is printed and the full report is
+written as JSON, beside the checkpoint and never inside it (orbax's rotation deletes a step
+folder with all it holds): by default <workdir>/eval/eval_<dataset>_<split>_step<N>.json for a
+workdir's step N (the one --prefer picks), <dir>_eval_<dataset>_<split>.json next to any other
+checkpoint folder <dir>. The report path (--out or the default) is checked before the
+evaluation: a folder, a read-only folder, a path inside a checkpoint, or an existing file that
+is no jaxtag report is refused.
 
-(also `python -m jaxtag.cli.evaluate`, or `python run_eval.py` from a clone.) --checkpoint takes a
-training workdir (its best checkpoint by validation ROC-AUC), a step directory, or a converted
-ponswon.pth checkpoint. The table is printed and the full report is written as JSON, beside the
-checkpoint and never inside it (orbax's rotation deletes a step folder with all it holds):
-by default <workdir>/eval/eval_<dataset>_<split>_step<N>.json for a workdir's step N (the one
---prefer picks), <dir>_eval_<dataset>_<split>.json next to any other checkpoint folder <dir>.
-The report path (--out or the default) is checked before the evaluation: a folder, a read-only
-folder, a path inside a checkpoint, or an existing file that is no jaxtag report is refused.
 Exit codes: 0 done, 2 bad input or a failed write (disk full), 130 interrupted (Ctrl-C); each
 failure is one line on stderr.
+
+The same command: `python -m jaxtag.cli.evaluate`, or `python run_eval.py` from a clone.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ require_train_extra("jaxtag-eval")
 
 from absl import app, flags, logging  # noqa: E402  (after the check: absent in a core install)
 
+from jaxtag.cli.flag_help import CommandHelp  # noqa: E402  (imports absl)
+
 FLAGS = flags.FLAGS
+REQUIRED_FLAGS = ["checkpoint", "dataset"]
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory or training workdir.")
 flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data_dir the dataset was built in.")
 flags.DEFINE_string(
@@ -44,9 +47,31 @@ flags.DEFINE_enum("prefer", "best", ["best", "latest"], "For a workdir: which ch
 flags.DEFINE_string(
     "out",
     None,
-    "Where to write the JSON report (default: beside the checkpoint, see above; never inside).",
+    "Where to write the JSON report (default: <workdir>/eval/eval_<dataset>_<split>_step<N>.json "
+    "for a workdir, <dir>_eval_<dataset>_<split>.json beside any other checkpoint folder <dir>; "
+    "never inside a checkpoint).",
 )
-flags.mark_flags_as_required(["checkpoint", "dataset"])
+flags.mark_flags_as_required(REQUIRED_FLAGS)
+# --help (jaxtag/cli/flag_help.py): these flags, the examples, then the docstring above.
+HELP = CommandHelp(
+    prog="jaxtag-eval",
+    module=sys.modules[__name__],
+    summary=__doc__.splitlines()[0],
+    notes=__doc__.split("\n", 1)[1],
+    required=REQUIRED_FLAGS,
+    metavars={
+        "checkpoint": "SRC",
+        "dataset": "NAME[/CONFIG]",
+        "data_dir": "DIR",
+        "batch_size": "N",
+        "out": "OUT.json",
+    },
+    examples=[
+        "jaxtag-eval --checkpoint runs/demo --dataset synthetic_tags --data_dir demo_workdir/data",
+        "jaxtag-eval --checkpoint runs/mtat --dataset magnatagatune --data_dir ~/tfds --split test",
+    ],
+    docs="docs/training.md",
+)
 
 
 def evaluate_command(
@@ -109,11 +134,19 @@ def main(argv: list[str]) -> int:
     )
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's own parsing (`app.parse_flags_with_usage`), ``--help`` (``-h``) answered first by
+    `HELP`: the command's own flags, then examples."""
+    HELP.exit_if_asked(argv)
+    return app.parse_flags_with_usage(argv)
+
+
 def run() -> None:
-    """The ``jaxtag-eval`` console script (absl's --help prints this module's docstring)."""
-    sys.modules["__main__"].__doc__ = __doc__
+    """The ``jaxtag-eval`` console script (``--help``: `HELP`; ``--helpfull``: absl's listing of
+    every flag after `HELP`'s text)."""
+    sys.modules["__main__"].__doc__ = HELP.describe()
     try:
-        app.run(main)
+        app.run(main, flags_parser=parse_flags)
     except SystemExit as done:
         if done.code == 130:  # interrupted: exit now, as the jaxtag commands do (cli/__init__.py)
             with contextlib.suppress(OSError, ValueError):

@@ -21,6 +21,9 @@ import argparse
 from jaxtag import audio
 from jaxtag.cli import common
 
+# One command line each, shown by `jaxtag explain --help` (jaxtag/cli/__init__.py).
+EXAMPLES = ("jaxtag explain song.mp3 --checkpoint ponswon --out explain.png --start 30",)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

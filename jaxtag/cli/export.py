@@ -16,6 +16,9 @@ import argparse
 
 from jaxtag.cli import common
 
+# One command line each, shown by `jaxtag export --help` (jaxtag/cli/__init__.py).
+EXAMPLES = ("jaxtag export checkpoints/ponswon ponswon.onnx",)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="SRC", help=common.CHECKPOINT_HELP)

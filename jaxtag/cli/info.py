@@ -7,6 +7,9 @@ import json
 
 from jaxtag.cli import common
 
+# One command line each, shown by `jaxtag info --help` (jaxtag/cli/__init__.py).
+EXAMPLES = ("jaxtag info checkpoints/ponswon",)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="SRC", help=common.CHECKPOINT_HELP)

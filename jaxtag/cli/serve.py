@@ -19,6 +19,9 @@ from jaxtag.serving import DEFAULT_MAX_SECONDS, DEFAULT_MAX_UPLOAD_MB
 
 SERVE_EXTRA = ("fastapi", "uvicorn", "multipart")
 
+# One command line each, shown by `jaxtag serve --help` (jaxtag/cli/__init__.py).
+EXAMPLES = ("jaxtag serve --checkpoint ponswon --port 8000",)
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_model_arguments(parser)

@@ -60,6 +60,10 @@ def format_text(result: Scored, tags: list[str], k: int) -> str:
     return "\n".join(lines)
 
 
+# One command line each, shown by `jaxtag tag --help` (jaxtag/cli/__init__.py).
+EXAMPLES = ("jaxtag tag song.mp3 music/ --checkpoint ponswon --top 10",)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_input_arguments(parser)
     parser.add_argument(

@@ -1,18 +1,14 @@
-r"""Train the self-attention music tagger.
+r"""Train the self-attention music tagger: a config (bundled or a file) into a workdir.
 
-    jaxtag-train --config mtat --workdir runs/mtat \
-        --config.data_dir ~/tensorflow_datasets --config.global_batch_size 32
-
-(also `python -m jaxtag.cli.train`, or `python run_train.py` from a clone.) --config takes a
-bundled config (demo, mtat, mtat:readme, msd, ...) or a config file (configs/mtat.py:readme).
-Any config field can be overridden with --config.FIELD=VALUE
-(nested fields too: --config.model.dtype=bfloat16).
 Rerunning the same command resumes from the latest checkpoint in --workdir; rerunning a finished
 run says so and changes nothing. Every config value is checked before anything is written, and
 the workdir is locked for the run: a second jaxtag-train on it stops at once, naming the first's
 PID. WORKDIR/train_summary.json adds up the time of every call of a resumed run ("sessions").
+
 Exit codes: 0 done, 2 a bad config, workdir or dataset, or a failed write (disk full), 130
 interrupted (Ctrl-C; rerun to resume). Each failure is one line on stderr.
+
+The same command: `python -m jaxtag.cli.train`, or `python run_train.py` from a clone.
 """
 
 from __future__ import annotations
@@ -39,8 +35,11 @@ require_train_extra("jaxtag-train")
 from absl import app, flags, logging  # noqa: E402  (after the check: absent in a core install)
 from ml_collections import config_flags  # noqa: E402
 
+from jaxtag.cli.flag_help import CommandHelp  # noqa: E402  (imports absl)
+
 FLAGS = flags.FLAGS
 INTERRUPTED_LINE = "interrupted; rerun the same command to resume from the last checkpoint"
+REQUIRED_FLAGS = ["config", "workdir"]
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 flags.DEFINE_bool(
     "distributed",
@@ -61,7 +60,38 @@ config_flags.DEFINE_config_file(
     "A bundled config (demo, mtat, mtat:readme, msd) or a config file (configs/mtat.py:readme).",
     lock_config=True,
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(REQUIRED_FLAGS)
+# --help (jaxtag/cli/flag_help.py): these flags, the examples, then the docstring above.
+HELP = CommandHelp(
+    prog="jaxtag-train",
+    module=sys.modules[__name__],
+    summary=__doc__.splitlines()[0],
+    notes=__doc__.split("\n", 1)[1],
+    required=REQUIRED_FLAGS,
+    usage_extra="[--config.FIELD=VALUE ...]",
+    metavars={
+        "config": "NAME_OR_FILE",
+        "workdir": "DIR",
+        "coordinator_address": "HOST:PORT",
+        "num_processes": "N",
+        "process_id": "I",
+    },
+    after={
+        "config": [
+            (
+                "--config.FIELD=VALUE",
+                "Override one field of the config, nested ones too (--config.model.dtype="
+                "bfloat16); repeatable. The fields are those of the config's get_config() "
+                "(configs/common.py holds the shared ones).",
+            )
+        ]
+    },
+    examples=[
+        "jaxtag-train --config demo --workdir runs/demo",
+        "jaxtag-train --config mtat:readme --workdir runs/mtat --config.data_dir ~/tfds",
+    ],
+    docs="docs/training.md",
+)
 
 
 def configs_dir() -> Path:
@@ -152,7 +182,9 @@ def unknown_override(config: Any, argv: list[str]) -> str | None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, every mistake reported in one line (exit 2). ml_collections raises a
-    KeyError or AttributeError from deep inside for a ``--config.FIELD`` that does not exist."""
+    KeyError or AttributeError from deep inside for a ``--config.FIELD`` that does not exist.
+    ``--help`` (``-h``) is answered first, by `HELP`: the command's own flags, then examples."""
+    HELP.exit_if_asked(argv)
     try:
         return FLAGS(argv)
     except flags.Error as err:
@@ -277,8 +309,9 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
-    """The ``jaxtag-train`` console script (absl's --help prints this module's docstring)."""
-    sys.modules["__main__"].__doc__ = __doc__
+    """The ``jaxtag-train`` console script (``--help``: `HELP`; ``--helpfull``: absl's listing
+    of every flag after `HELP`'s text)."""
+    sys.modules["__main__"].__doc__ = HELP.describe()
     try:
         app.run(main, flags_parser=parse_flags)
     except SystemExit as done:
