@@ -77,7 +77,7 @@ readme-figure: setup
 # The documentation site into site/; --strict: a broken link or anchor, a page missing from the
 # nav, or a reference that does not resolve fails it (tests/test_docs_site.py builds it too).
 docs: setup-docs
-	$(PY) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 # Debian's chromium and chromium-driver for the browser test (tests/test_serve_browser.py), as
 # root or through sudo; nothing to do where both are installed.

@@ -151,7 +151,7 @@ class Tagger:
 
     @property
     def layers(self) -> list[str]:
-        """The representations `embed` can return: front_end, layer_<i>..., pooled."""
+        """The representations `embed` can return: `front_end`, `layer_<i>`..., `pooled`."""
         return ["front_end", *(f"layer_{i}" for i in range(self.config.num_layers)), "pooled"]
 
     @property
