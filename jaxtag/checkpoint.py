@@ -129,6 +129,18 @@ def _write_failure(err: BaseException) -> str:
     return os.strerror(int(code.group(1))) if code else first_line(err)
 
 
+class _OrphanedWrites(logging.Filter):
+    """Drops asyncio's reports of the failed background writes into one orbax temporary."""
+
+    def __init__(self, temporary: str):
+        super().__init__()
+        self.temporary = temporary
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("exception was never retrieved" in message and self.temporary in message)
+
+
 @contextlib.contextmanager
 def _quiet_orbax_write(out: Path) -> Iterator[None]:
     """Runs a checkpoint write with orbax's own reports held back: on success they are printed
@@ -156,6 +168,9 @@ def _quiet_orbax_write(out: Path) -> Iterator[None]:
             time.sleep(0.1)
         for temporary in _orbax_temporaries(out) - before:
             shutil.rmtree(temporary, ignore_errors=True)
+        # orbax's failed array writes live on as asyncio futures that log "exception was never
+        # retrieved" whenever they are collected, even after this: dropped for this `out` only.
+        logging.getLogger("asyncio").addFilter(_OrphanedWrites(f"{out.name}.orbax-checkpoint-tmp"))
         raise
     else:
         stderr.write(held.getvalue())
