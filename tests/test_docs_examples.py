@@ -54,7 +54,6 @@ from tests.docs_examples_fixtures import (
     NOT_RUN,
     PYTHON,
     REPO,
-    SERVERS_ENV,
     SHELLS,
     Block,
     Command,
@@ -65,12 +64,10 @@ from tests.docs_examples_fixtures import (
     make_targets,
     not_in_a_test,
     outputs,
-    prepare_scratch,
-    provide_audio,
     shell_commands,
-    stop_servers,
     subcommand,
 )
+from tests.docs_examples_scratch import SERVERS_ENV, prepare_scratch, provide_audio, stop_servers
 
 DOCS = ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in REPO.glob("docs/*.md"))]
 RUN_ELSEWHERE = {("docs/api.md", "python")}  # tests/test_docs_api.py executes them
