@@ -38,6 +38,7 @@ except ModuleNotFoundError:  # the torch-free job (.ci/run): see pytest_collecti
 # Tests never write the user's compilation cache (jaxtag/runtime.py); one cache for the session
 # lets the subprocess tests that compile the same small models load them instead.
 os.environ.setdefault("JAXTAG_CACHE_DIR", tempfile.mkdtemp(prefix="jaxtag-test-jax-cache-"))
+os.environ.setdefault("JAXTAG_AUTOTUNE", tempfile.mkdtemp(prefix="jaxtag-test-tune-") + "/t.json")
 
 # A shell without job control starts background jobs with SIGINT ignored (.ci/run's two jobs):
 # the Ctrl-C tests stand for a terminal, so the session (and the commands it starts) gets
