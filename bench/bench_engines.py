@@ -1,10 +1,12 @@
 """CPU inference engines for the released layout: jaxtag (XLA, optionally with XLA_FLAGS),
-onnxruntime on the `jaxtag export` graph, and the PyTorch reference, same machine, same run.
+onnxruntime on the `jaxtag export` graph (and OpenVINO where jaxtag.scoring has it), and the
+PyTorch reference, same machine, same run.
 
     python bench/bench_engines.py                       # batch 16, 3 interleaved rounds
     python bench/bench_engines.py --rounds 5 --xla-flags=--xla_cpu_use_onednn=true
 
-Each measurement runs in its own process (bench/bench_model.py's workers for jaxtag and torch);
+Each measurement runs in its own process (bench/bench_model.py's workers for jaxtag and torch,
+`worker_engine` here for the jaxtag.scoring engines);
 the engines take turns round by round, so load from other processes on a shared machine hits
 them alike. All use every core. Prints ex/s per round, the median, the time to the first result
 (jaxtag: compile; onnxruntime: graph built from the weights and session start), the CPU model.
@@ -28,54 +30,68 @@ import bench_model  # noqa: E402  (the jaxtag and torch workers and the timing l
 REPO = bench_model.REPO
 
 
-def worker_onnx(batch: int, args: argparse.Namespace) -> dict:
+def worker_engine(engine: str, batch: int, args: argparse.Namespace) -> dict:
+    """A jaxtag.scoring engine (onnx, openvino...) on random weights: `WindowScorer`, as the
+    commands run it; `args.precision`, when given, goes to it as `precision`."""
+    import importlib.metadata
+
     import jax
     import numpy as np
-    import onnxruntime as ort
 
-    from jaxtag import export
     from jaxtag.checkpoint import LoadedModel
     from jaxtag.model import ModelConfig, init_variables
+    from jaxtag.scoring import WindowScorer
 
     config = ModelConfig()
     variables = init_variables(config, jax.random.PRNGKey(0), bench_model.FRAMES)
     variables = jax.tree_util.tree_map(np.asarray, variables)
     tags = [str(i) for i in range(config.num_tags)]
     loaded = LoadedModel(config, tags, variables, {}, Path("random"))
-    t0 = time.perf_counter()
-    predict = export.onnx_predictor(loaded)  # graph built from the weights + session start
+    options = {"precision": args.precision} if args.precision else {}
+    t0 = time.perf_counter()  # graph built from the weights + session start (+ first call)
+    scorer = WindowScorer(loaded, batch_size=batch, engine=engine, **options)
     rng = np.random.RandomState(0)
     mel = rng.uniform(-80, 40, (batch, config.n_mels, bench_model.FRAMES)).astype(np.float32)
 
     def step() -> None:
-        predict(mel)
+        scorer.predict_windows(mel)
 
     step()
     start_s = time.perf_counter() - t0
     seconds = bench_model._time_loop(step, args.warmup, args.min_seconds, args.min_iters)
+    package = {"onnx": "onnxruntime"}.get(scorer.engine, scorer.engine)
+    try:
+        version = f"{package} {importlib.metadata.version(package)}"
+    except importlib.metadata.PackageNotFoundError:
+        version = package
     return {
         "examples_per_s": batch / seconds,
         "compile_s": start_s,
         "peak_rss_mb": bench_model._peak_rss_mb(),
-        "version": f"onnxruntime {ort.__version__}, {os.cpu_count()} threads",
+        "version": f"{version}, {os.cpu_count()} threads",
     }
 
 
-def run_worker(engine: str, batch: int, args: argparse.Namespace, xla_flags: str = "") -> dict:
+def run_worker(
+    engine: str,
+    batch: int,
+    args: argparse.Namespace,
+    xla_flags: str = "",
+    precision: str | None = None,
+) -> dict:
+    """Inference at `batch` in a process of its own: engine "jax" or "torch" (bench_model's
+    workers, float32) or a jaxtag.scoring engine (`worker_engine`)."""
     env = dict(os.environ)
     if xla_flags:
         env["XLA_FLAGS"] = xla_flags
-    if engine == "onnx":
-        cmd = [sys.executable, __file__, "--worker", "onnx"]
-    else:  # bench_model's own worker, inference mode
-        cmd = [sys.executable, bench_model.__file__, "--worker", engine, "--mode", "infer"]
-        cmd += ["--dtype", "float32"]
-    cmd += ["--batch", str(batch), "--warmup", str(args.warmup)]
-    cmd += ["--min-seconds", str(args.min_seconds), "--min-iters", str(args.min_iters)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"{engine} {xla_flags} batch {batch} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    what = f"{engine} {xla_flags} batch {batch}"
+    if engine in ("jax", "torch"):
+        case = f"infer:{precision or 'float32'}:{batch}"
+        return bench_model.run_worker(engine, args, "--case-arg", case, env=env)
+    cmd = [sys.executable, __file__, "--worker", engine, "--batch", str(batch)]
+    cmd += ["--warmup", str(args.warmup), "--min-seconds", str(args.min_seconds)]
+    cmd += ["--min-iters", str(args.min_iters)] + (["--precision", precision] * bool(precision))
+    return bench_model.run_process(cmd, what, env)
 
 
 def cpu_model() -> str:
@@ -105,14 +121,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--min-seconds", type=float, default=6.0)
     parser.add_argument("--min-iters", type=int, default=3)
-    parser.add_argument("--worker", choices=["onnx"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", help=argparse.SUPPRESS)
+    # bench_model's workers: no compilation cache, the default front end, eager torch
+    parser.set_defaults(cache_dir="off", front_end="auto", torch_compile=False)
     args = parser.parse_args()
 
     if args.worker:
-        print(json.dumps(worker_onnx(args.batch, args)))
+        print(json.dumps(worker_engine(args.worker, args.batch, args)))
         return
 
+    from jaxtag.scoring import ENGINES
+
     engines = [("onnxruntime", "onnx", "")]
+    engines += [("openvino", "openvino", "")] * ("openvino" in ENGINES)
     engines += [
         (f"jaxtag {flags or '(default XLA flags)'}", "jax", flags)
         for flags in ["", *(args.xla_flags or [])]

@@ -22,8 +22,11 @@ Compile times (`--compile-only`, also part of the default run): a fresh process 
 train and inference programs with JAX's persistent compilation cache (jaxtag/runtime.py) in an
 empty temporary directory, then a second fresh process compiles them again from that cache.
 
-Runs without torch, TensorFlow, librosa and ml_collections; the torch comparison is skipped
-with a note when torch is missing.
+The torch comparison is the PyTorch reference of the original architecture
+(tests/torch_reference.py), eager; `--torch-compile` runs it under torch.compile (inductor) and
+a bfloat16 case of the torch worker runs it under `torch.autocast("cpu", dtype=bfloat16)`
+(bench/bench_peers.py measures them all). Runs without torch, TensorFlow, librosa and
+ml_collections; the torch comparison is skipped with a note when torch is missing.
 """
 
 from __future__ import annotations
@@ -202,6 +205,10 @@ def worker_compile(args: argparse.Namespace) -> dict:
 
 
 def worker_torch(case: Case, args: argparse.Namespace) -> dict:
+    """The PyTorch reference, eager or under torch.compile (`args.torch_compile`); a bfloat16
+    case runs its forward pass under CPU autocast (the loss in float32, outside it)."""
+    import contextlib
+
     import numpy as np
     import torch
 
@@ -211,9 +218,16 @@ def worker_torch(case: Case, args: argparse.Namespace) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     model = ref.MTSA(ref.RELEASED)
+    net = torch.compile(model) if args.torch_compile else model  # inductor, compiled on call 1
     rng = np.random.RandomState(0)
     mel = torch.from_numpy(rng.uniform(-80, 40, (case.batch, 96, FRAMES)).astype(np.float32))
     tags = torch.from_numpy((rng.uniform(size=(case.batch, 50)) > 0.9).astype(np.float32))
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if case.dtype == "bfloat16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     t0 = time.perf_counter()
     if case.mode == "train":
         model.train()
@@ -222,8 +236,9 @@ def worker_torch(case: Case, args: argparse.Namespace) -> dict:
 
         def step() -> None:
             optimizer.zero_grad()
-            probs, _ = model(mel)
-            loss = loss_fn(probs, tags)
+            with autocast():
+                probs, _ = net(mel)
+            loss = loss_fn(probs.float(), tags)
             loss.backward()
             optimizer.step()
 
@@ -231,32 +246,40 @@ def worker_torch(case: Case, args: argparse.Namespace) -> dict:
         model.eval()
 
         def step() -> None:
-            with torch.no_grad():
-                model(mel)
+            with torch.no_grad(), autocast():
+                net(mel)
 
     step()
     compile_s = time.perf_counter() - t0
     seconds = _time_loop(step, args.warmup, args.min_seconds, args.min_iters)
+    how = "torch.compile" if args.torch_compile else "eager"
     return {
         "examples_per_s": case.batch / seconds,
         "compile_s": compile_s,
         "peak_rss_mb": _peak_rss_mb(),
-        "version": f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "version": f"torch {torch.__version__} ({how}), {torch.get_num_threads()} threads",
     }
 
 
-def run_worker(worker: str, args: argparse.Namespace, *extra: str) -> dict:
+def run_process(cmd: list[str], what: str, env: dict[str, str] | None = None) -> dict:
+    """Runs a worker command in the repository; returns the JSON of its last stdout line."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_worker(
+    worker: str, args: argparse.Namespace, *extra: str, env: dict[str, str] | None = None
+) -> dict:
+    """Runs one of this file's workers with `args`' timing options in its own process."""
     cmd = [sys.executable, __file__, "--worker", worker, *extra]
     cmd += ["--warmup", str(args.warmup), "--min-seconds", str(args.min_seconds)]
     cmd += ["--min-iters", str(args.min_iters), "--cache-dir", args.cache_dir]
-    cmd += ["--front-end", args.front_end]
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    )
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"{worker} {' '.join(extra)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    cmd += ["--front-end", args.front_end] + (["--torch-compile"] * args.torch_compile)
+    return run_process(cmd, f"{worker} {' '.join(extra)}", env)
 
 
 def peak_for(device: str, dtype: str, given: dict[str, float]) -> float | None:
@@ -292,6 +315,9 @@ def main() -> None:
         + ")",
     )
     parser.add_argument("--no-torch", action="store_true", help="measure jaxtag only")
+    parser.add_argument(
+        "--torch-compile", action="store_true", help="the torch reference under torch.compile"
+    )
     parser.add_argument(
         "--peak-tflops",
         nargs="+",
