@@ -9,10 +9,10 @@ the model and long files are decoded block by block (`streaming.stream_log_mel`)
 stays bounded however long the files are. An input that cannot be read, or whose outputs are
 not finite, comes back with its error; the others go on.
 
-What runs the model is an *engine*: `jax` (the jitted Flax model, any device) or `onnx` (the
-graph of jaxtag/export.py built in memory from the checkpoint and run by onnxruntime on the CPU:
-no compilation). `auto` is onnx on a CPU-only JAX backend when onnxruntime is installed, else
-jax (`choose_engine`). The Python API (jaxtag/api.py) and the commands stand on this module.
+What runs the model is an *engine* (jaxtag/engines.py): `jax`, `onnx` or `openvino` (the graph
+of jaxtag/export.py in onnxruntime or OpenVINO, on the CPU); `auto` is the measured fastest on a
+CPU-only JAX backend, jax on an accelerator. The *precision* is float32 (exact) or bfloat16 (the
+chip's native bf16, refused on a CPU without it). The Python API and the commands stand on this.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jaxtag import audio, streaming
+from jaxtag import audio, engines, streaming
+from jaxtag.engines import onnx_runtime_missing
 from jaxtag.errors import JaxtagError
 from jaxtag.result_files import Record
 
@@ -38,13 +39,13 @@ if TYPE_CHECKING:  # jax, flax and orbax load inside functions: `--help` needs n
 
 PROTOCOL_MAX_SECONDS = 31.0  # MTAT clips are 29.1 s, MSD previews 30 s
 WINDOW_SECONDS = float(audio.frames_to_seconds(audio.CHUNK_FRAMES))
-ENGINES = ("auto", "jax", "onnx")
-# What `auto` runs on a CPU-only JAX backend when onnxruntime is installed (on an accelerator
-# it is always jax): onnx was faster end to end and at start-up on the 2-core CPU of
-# README.md, Benchmarks (bench/bench_inference.py --engines jax,onnx).
+ENGINES = ("auto", "jax", "onnx", "openvino")
+PRECISIONS = ("float32", "bfloat16")
+# `auto`'s rule where nothing is measured (JAXTAG_AUTOTUNE=off) on a CPU-only JAX backend when
+# onnxruntime is installed (on an accelerator it is always jax): onnx was faster end to end and
+# at start-up on the 2-core CPU of README.md, Benchmarks (bench/bench_inference.py).
 AUTO_ENGINE = "onnx"
-# The WindowScorer outputs the exported ONNX graph has (jaxtag/export.py OUTPUTS), by name.
-ONNX_OUTPUTS = {"probabilities": "probabilities", "pooled": "embedding"}
+ONNX_OUTPUTS = engines.GRAPH_OUTPUTS  # the WindowScorer outputs the exported graph has
 
 
 class InputError(JaxtagError):
@@ -109,46 +110,79 @@ def skipped_summary(skipped: list[str]) -> str | None:
     return f"{len(skipped)} files in the folders are not audio and were skipped ({counts})"
 
 
-def onnx_runtime_missing() -> str | None:
-    """Why the onnx engine cannot run here (a one-line message), or None when it can."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError as err:
-        return f"the onnx engine needs onnx and onnxruntime ({err}): pip install 'jaxtag[export]'"
-    return None
-
-
-def choose_engine(engine: str, output: str = "probabilities", backend: str | None = None) -> str:
-    """The engine ("jax" or "onnx") that runs `output` when `engine` is asked for.
-
-    `auto` runs `AUTO_ENGINE` when JAX's backend (`backend`, default: JAX's default backend)
-    is the CPU, onnxruntime is installed and the ONNX graph has the output; else jax.
+def choose_engine(
+    engine: str,
+    output: str = "probabilities",
+    backend: str | None = None,
+    precision: str = "float32",
+) -> str:
+    """The engine that runs `output` when `engine` is asked for, by the rule (`engine_for`
+    measures `auto`): on the CPU of JAX's `backend` (default: its default backend) `auto` runs
+    `AUTO_ENGINE` in float32, openvino in bfloat16, where it is among the `candidates`; else jax.
 
     Raises:
-      InputError: `onnx` asked for explicitly where it cannot run (not installed, or an output
-        the ONNX graph does not have).
+      InputError: an engine asked for explicitly that cannot run here (not installed, an output
+        the ONNX graph does not have, onnx in bfloat16), or bfloat16 on a CPU without it.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "onnx":
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    on_cpu = engine in ("onnx", "openvino")  # they run on the CPU whatever JAX has
+    if on_cpu:
         if output not in ONNX_OUTPUTS:
             raise InputError(
-                "the onnx engine: the ONNX graph outputs only the tag probabilities and the "
+                f"the {engine} engine: the ONNX graph outputs only the tag probabilities and the "
                 f"pooled embedding, not {output!r}; use the jax engine"
             )
-        problem = onnx_runtime_missing()
+        problem = onnx_runtime_missing() if engine == "onnx" else engines.openvino_missing()
         if problem:
             raise InputError(problem)
-        return "onnx"
-    if engine == "auto" and AUTO_ENGINE == "onnx" and output in ONNX_OUTPUTS:
+        if engine == "onnx" and precision != "float32":
+            raise InputError("the onnx engine runs float32 only; use --engine openvino or jax")
+    else:
         if backend is None:
             import jax
 
             backend = jax.default_backend()
-        if backend == "cpu" and onnx_runtime_missing() is None:
-            return "onnx"
-    return "jax"
+        on_cpu = backend == "cpu"
+    problem = engines.bf16_problem() if precision == "bfloat16" and on_cpu else None
+    if problem:
+        raise InputError(problem)
+    if engine != "auto":
+        return engine
+    preferred = AUTO_ENGINE if precision == "float32" else "openvino"
+    return preferred if preferred in candidates(output, precision, backend) else "jax"
+
+
+def candidates(output: str, precision: str, backend: str) -> list[str]:
+    """The engines `auto` chooses among: jax on an accelerator; on the CPU also onnx (float32)
+    and openvino where installed and the ONNX graph has `output`."""
+    names = ["jax"]
+    if backend == "cpu" and output in ONNX_OUTPUTS:
+        if precision == "float32" and onnx_runtime_missing() is None:
+            names.append("onnx")
+        if engines.openvino_missing() is None:
+            names.append("openvino")
+    return names
+
+
+def engine_for(
+    loaded: LoadedModel,
+    engine: str,
+    output: str,
+    precision: str,
+    batch_size: int,
+    backend: str | None = None,
+) -> tuple[str, engines.Predictor]:
+    """The engine that runs `output` (the one asked for, or `auto`'s measured choice among
+    `candidates`: jaxtag/engines.py) and its predictor, built. Raises as `choose_engine`."""
+    import jax
+
+    backend = backend or jax.default_backend()
+    rule = choose_engine(engine, output, backend, precision)
+    names = candidates(output, precision, backend) if engine == "auto" else [rule]
+    return engines.choose(loaded, names, rule, output, precision, batch_size, backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,12 +199,13 @@ def padded_batch(windows: int, batch_size: int) -> int:
 
 class WindowScorer:
     """A loaded model as a function of its windows, batch by batch: with the jax engine a jitted,
-    fixed-batch-size function (one compilation), with the onnx engine an onnxruntime session of
-    the exported graph (any batch size, so the last batch is not padded).
+    fixed-batch-size function (one compilation per padded size), with the onnx and openvino
+    engines the exported graph (any batch size, so the last batch is not padded).
 
     `output` is "probabilities" (the tags' sigmoid outputs) or a name of
     `MTSA.representations` ("pooled", the classifier's input, is `MTSA.features`); `engine` is
-    one of `ENGINES` (see `choose_engine`).
+    one of `ENGINES` (`engine` then holds the one chosen: see `engine_for`) and `precision`
+    one of `PRECISIONS`.
     """
 
     def __init__(
@@ -179,11 +214,11 @@ class WindowScorer:
         batch_size: int = 16,
         output: str = "probabilities",
         engine: str = "jax",
+        precision: str = "float32",
     ):
         import jax
 
         from jaxtag.checkpoint import CheckpointError
-        from jaxtag.model import MTSA, build_model
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -197,21 +232,8 @@ class WindowScorer:
         self.tags = loaded.tags
         self.batch_size = batch_size
         self.output = output
-        self.engine = choose_engine(engine, output)
-        if self.engine == "onnx":
-            from jaxtag.export import onnx_predictor
-
-            self._predict = onnx_predictor(loaded, output=ONNX_OUTPUTS[output])
-            return
-        model = build_model(loaded.config)
-        if output == "probabilities":
-            fn = lambda v, x: jax.nn.sigmoid(model.apply(v, x))  # noqa: E731
-        elif output == "pooled":
-            fn = lambda v, x: model.apply(v, x, method=MTSA.features)  # noqa: E731
-        else:
-            fn = lambda v, x: model.apply(v, x, method=MTSA.representations)[output]  # noqa: E731
-        variables, jitted = jax.device_put(loaded.variables), jax.jit(fn)
-        self._predict = lambda windows: jitted(variables, windows)
+        self.precision = precision
+        self.engine, self._predict = engine_for(loaded, engine, output, precision, batch_size)
 
     def predict_windows(self, windows: np.ndarray) -> np.ndarray:
         """(N, n_mels, frames) -> (N, D) outputs, in batches of at most `batch_size`."""

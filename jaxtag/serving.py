@@ -168,6 +168,7 @@ class Service:
             "source": tagger.meta.get("source"),
             "tags": tagger.tags,
             "engine": tagger.engine,
+            "precision": tagger.precision,
             "layers": tagger.layers,
             "num_params": tagger.num_params,
             "window_seconds": scoring.WINDOW_SECONDS,

@@ -79,7 +79,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint, --batch-size and --engine (`tag`, `embed`, `serve`)."""
+    """--checkpoint, --batch-size, --engine and --precision (`tag`, `embed`, `serve`)."""
     parser.add_argument("--checkpoint", required=True, metavar="SRC", help=CHECKPOINT_HELP)
     parser.add_argument(
         "--batch-size", type=positive_int, default=16, help="windows per model call (default 16)"
@@ -89,8 +89,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=scoring.ENGINES,
         default="auto",
         help="what runs the model: jax (jitted, any device), onnx (onnxruntime on the CPU, no "
-        f"compilation; needs pip install 'jaxtag[export]'), auto (default: {scoring.AUTO_ENGINE} "
-        "when JAX has only the CPU and onnxruntime is installed, else jax)",
+        "compilation; needs pip install 'jaxtag[export]'), openvino (OpenVINO on the CPU; needs "
+        "pip install 'jaxtag[openvino]'), auto (default: when JAX has only the CPU, the fastest "
+        "installed engine, measured once for this machine, model, precision and batch size; "
+        "else jax)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=scoring.PRECISIONS,
+        default="float32",
+        help="float32 (default, exact) or bfloat16: the chip's native bf16 (CPU: AVX512-BF16 "
+        "or AMX, with jax or openvino; refused on a CPU without it), probabilities within 5e-3",
     )
 
 

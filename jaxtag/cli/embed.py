@@ -3,8 +3,8 @@
 One vector per file (`Tagger.embed`): by default the pooled output the classifier reads,
 averaged over the same windows as the file's tag prediction. `--layer` takes another
 representation (`front_end`, `layer_<i>`, `pooled`); `--per-window` also keeps every adjacent
-window's vector with its start time. `--engine onnx` has only the pooled output; `--engine auto`
-runs other layers with jax.
+window's vector with its start time. `--engine onnx` and `--engine openvino` have only the pooled
+output; `--engine auto` runs other layers with jax.
 
 The `.npz` holds `paths` (N,), `durations` (N,), `embeddings` (N, D) float32 and `layer`; with
 `--per-window` also `window_embeddings` (W, D), `window_starts` (W,) seconds and
@@ -52,10 +52,12 @@ def run(args: argparse.Namespace) -> int:
         paths = common.input_paths(args, "jaxtag embed")
         outputs_given = [args.out, str(sidecar_path(args.out))]
         common.check_outputs(outputs_given, [*paths, args.checkpoint])  # before any work
-        tagger = jaxtag.load(args.checkpoint, engine=args.engine, batch_size=args.batch_size)
+        tagger = jaxtag.load(
+            args.checkpoint, args.engine, args.batch_size, precision=args.precision
+        )
         if args.layer not in tagger.layers:
             raise JaxtagError(f"--layer {args.layer!r}: this model has {', '.join(tagger.layers)}")
-        choose_engine(args.engine, args.layer)  # refuses onnx for a layer its graph lacks
+        choose_engine(args.engine, args.layer, precision=args.precision)  # onnx: no layers
         meta = {"layer": np.asarray(args.layer), "tags": np.asarray(tagger.tags)}
         window_key = "window_embeddings" if args.per_window else None
         out = NpzFile(args.out, "embeddings", meta, window_key, WINDOW_SECONDS)

@@ -75,7 +75,9 @@ def run(args: argparse.Namespace) -> int:
         from jaxtag.serving import Limits, Service
 
         sock = listen(args.host, args.port)  # before the model loads: a port in use says so now
-        tagger = jaxtag.load(args.checkpoint, engine=args.engine, batch_size=args.batch_size)
+        tagger = jaxtag.load(
+            args.checkpoint, args.engine, args.batch_size, precision=args.precision
+        )
         limits = Limits(int(args.max_upload_mb * 2**20), args.max_seconds)
         name = os.path.basename(os.path.normpath(args.checkpoint))  # "run", not its step "500"
         service = Service(tagger, limits, name)
@@ -84,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
         host, port = sock.getsockname()[:2]
         reach = "this machine only" if host in ("127.0.0.1", "::1") else "the network"
         print(
-            f"jaxtag serve: {name} ({len(tagger.tags)} tags, {tagger.engine} engine) "
+            f"jaxtag serve: {name} ({len(tagger.tags)} tags, {tagger.engine} engine, "
+            f"{tagger.precision}) "
             f"on http://{host}:{port} ({reach}); Ctrl-C stops",
             file=sys.stderr,
             flush=True,

@@ -114,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
         sidecar = args.taggram and str(sidecar_path(args.taggram))
         outputs_given = [args.csv, args.jsonl, args.taggram, sidecar]
         common.check_outputs(outputs_given, [*paths, args.checkpoint])  # before any work
-        tagger = jaxtag.load(args.checkpoint, engine=args.engine, batch_size=args.batch_size)
+        tagger = jaxtag.load(
+            args.checkpoint, args.engine, args.batch_size, precision=args.precision
+        )
         outputs: list[ResultFile] = []
         if args.csv:
             outputs.append(CsvFile(args.csv, tagger.tags))

@@ -1,7 +1,7 @@
 """The HTTP face of `jaxtag.serving.Service`: a FastAPI app with the page and the JSON API.
 
     GET  /                 the page (jaxtag/server/static/: no CDN, nothing from the internet)
-    GET  /api/health       the model, its tags, the engine, the limits
+    GET  /api/health       the model, its tags, the engine and precision, the limits
     POST /api/tag          multipart field `audio`; ?top_k=5
     POST /api/taggram      the same, plus the taggram of adjacent windows
     POST /api/embed        ?layer=pooled
@@ -119,7 +119,7 @@ def create_app(service: Service) -> Any:
 
     @app.get("/api/health")
     async def health() -> dict:
-        """The model (its tags, engine, layers) and the server's limits."""
+        """The model (its tags, engine, precision, layers) and the server's limits."""
         return service.health()
 
     @app.post("/api/tag")
