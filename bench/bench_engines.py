@@ -91,7 +91,7 @@ def run_worker(
     cmd = [sys.executable, __file__, "--worker", engine, "--batch", str(batch)]
     cmd += ["--warmup", str(args.warmup), "--min-seconds", str(args.min_seconds)]
     cmd += ["--min-iters", str(args.min_iters)] + (["--precision", precision] * bool(precision))
-    return bench_model.run_process(cmd, what, env)
+    return bench_model.run_process(cmd, what, env, getattr(args, "timeout", None))
 
 
 def cpu_model() -> str:

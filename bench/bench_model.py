@@ -22,9 +22,8 @@ Compile times (`--compile-only`, also part of the default run): a fresh process 
 train and inference programs with JAX's persistent compilation cache (jaxtag/runtime.py) in an
 empty temporary directory, then a second fresh process compiles them again from that cache.
 
-The torch comparison is the PyTorch reference of the original architecture
-(tests/torch_reference.py), eager; `--torch-compile` runs it under torch.compile (inductor) and
-a bfloat16 case of the torch worker runs it under `torch.autocast("cpu", dtype=bfloat16)`
+The torch comparison is the original architecture's PyTorch reference (tests/torch_reference.py),
+eager; `--torch-compile` runs it under torch.compile and a bfloat16 torch case under CPU autocast
 (bench/bench_peers.py measures them all). Runs without torch, TensorFlow, librosa and
 ml_collections; the torch comparison is skipped with a note when torch is missing.
 """
@@ -261,13 +260,20 @@ def worker_torch(case: Case, args: argparse.Namespace) -> dict:
     }
 
 
-def run_process(cmd: list[str], what: str, env: dict[str, str] | None = None) -> dict:
+def run_process(
+    cmd: list[str], what: str, env: dict[str, str] | None = None, timeout: float | None = None
+) -> dict:
     """Runs a worker command in the repository; returns the JSON of its last stdout line."""
     env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    try:
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{what}: stopped after the {timeout:g} s timeout") from None
     if out.returncode != 0:
-        raise RuntimeError(f"{what} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed (exit status {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -279,7 +285,7 @@ def run_worker(
     cmd += ["--warmup", str(args.warmup), "--min-seconds", str(args.min_seconds)]
     cmd += ["--min-iters", str(args.min_iters), "--cache-dir", args.cache_dir]
     cmd += ["--front-end", args.front_end] + (["--torch-compile"] * args.torch_compile)
-    return run_process(cmd, f"{worker} {' '.join(extra)}", env)
+    return run_process(cmd, f"{worker} {' '.join(extra)}", env, getattr(args, "timeout", None))
 
 
 def peak_for(device: str, dtype: str, given: dict[str, float]) -> float | None:

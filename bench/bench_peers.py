@@ -13,8 +13,9 @@ round by round, and each reports its best round: load from other processes on a 
 then hits them alike and slows, never speeds, a best. JAX runs on the CPU (JAX_PLATFORMS=cpu)
 and everything uses every core. A row that cannot run here is printed as "not available" with
 the reason (an OpenVINO engine that jaxtag does not have yet, bf16 without bf16 units...); a
-row that fails is reported and left out of later rounds. `--cases` takes a mode (infer, train)
-or a row name (torch-compile-bf16, xla, onnxruntime...: see the table) and can be repeated.
+row that fails, or takes over `--timeout` seconds, is reported and left out of later rounds.
+`--cases` takes a mode (infer, train) or a row name (torch-compile-bf16, xla, onnxruntime...:
+see the table) and can be repeated.
 
 Prints the CPU model and its vector / matrix flags, the versions, the date, a table per mode
 (ex/s at each batch and the ratio to the original's eager float32) and PASS/FAIL lines for the
@@ -142,6 +143,7 @@ def measure_one(row: Row, batch: int, args: argparse.Namespace) -> dict:
         cache_dir=args.cache_dir,
         front_end=row.option if row.worker == "jax" else "auto",
         torch_compile=row.option == "compile",
+        timeout=args.timeout,
         precision=row.precision if row.worker == "engine" and row.option != "onnx" else None,
     )
     if row.worker == "engine":
@@ -326,6 +328,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per measurement")
     parser.add_argument("--min-iters", type=int, default=3, help="timed calls at least")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds a measurement may take (default none)"
+    )
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
     args = parser.parse_args()
     batches = args.batch or [16, 64]
