@@ -96,10 +96,12 @@ serve-screenshot: setup-test setup-browser
 		JAXTAG_SCREENSHOT_AUDIO=$(DEMO_DIR)/example.wav \
 		$(PY) -m pytest -q -p no:cacheprovider tests/test_serve_browser.py
 
-# Every test (about 15 minutes on 2 cores); `make test-fast` leaves out the `slow` ones
-# (subprocess and end-to-end runs: wheel build, demo, several processes, training runs).
+# Every test, on TEST_WORKERS processes (pytest-xdist; tests/conftest.py keeps each module on
+# one worker); `make test-fast` leaves out the `slow` ones (subprocess and end-to-end runs:
+# wheel build, demo, several processes, training runs).
+TEST_WORKERS ?= 2
 test: setup-test setup-browser lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: setup-test lint
 	$(PY) -m pytest -q -m "not slow"
@@ -108,7 +110,7 @@ test-fast: setup-test lint
 $(VENV312)/.installed: pyproject.toml
 	$(PYTHON312) -m venv $(VENV312)
 	$(VENV312)/bin/python -m pip install -q --upgrade pip
-	$(VENV312)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[train,export,serve,docs]' pytest httpx selenium
+	$(VENV312)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[train,export,openvino,serve,docs]' pytest httpx selenium
 	touch $@
 
 setup-py312: $(VENV312)/.installed

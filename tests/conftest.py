@@ -95,6 +95,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ]
     if unmarked:
         raise pytest.UsageError(f"tests that need torch but are not marked torch: {unmarked}")
+    # `make test` runs `pytest -n N --dist loadgroup`: a module stays on one worker, so its
+    # module-scoped fixtures are built once, and the modules that use the trained model share
+    # one worker, so it is trained once.
+    trained = {i.fspath for i in items if "trained_synthetic" in getattr(i, "fixturenames", ())}
+    for item in items:
+        group = "trained_synthetic" if item.fspath in trained else Path(item.fspath).name
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @dataclasses.dataclass(eq=False)  # hashable by identity: one case per name per session

@@ -18,13 +18,11 @@ and the process exits at once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import os
 import sys
 
 import jaxtag
-from jaxtag.cli.interrupts import INTERRUPTED, sigint_handled
+from jaxtag.cli.interrupts import INTERRUPTED, exit_now, sigint_handled
 
 # name -> (module, one-line help).
 COMMANDS = {
@@ -131,12 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             code = _interrupted(command)
     if entry and code == 130:
-        # Interrupted: exit now. Finalising the interpreter while JAX's or onnxruntime's threads
-        # were stopped in mid-work crashed it once in a while (SIGSEGV after the message).
-        with contextlib.suppress(OSError, ValueError):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(code)
+        exit_now(code)
     return code
 
 

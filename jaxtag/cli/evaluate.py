@@ -17,13 +17,12 @@ The same command: `python -m jaxtag.cli.evaluate`, or `python run_eval.py` from 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
 
 from jaxtag.cli.common import guarded, require_train_extra
-from jaxtag.cli.interrupts import INTERRUPTED, sigint_handled
+from jaxtag.cli.interrupts import INTERRUPTED, exit_now, sigint_handled
 from jaxtag.errors import JaxtagError
 
 require_train_extra("jaxtag-eval")
@@ -149,10 +148,7 @@ def run() -> None:
         app.run(main, flags_parser=parse_flags)
     except SystemExit as done:
         if done.code == 130:  # interrupted: exit now, as the jaxtag commands do (cli/__init__.py)
-            with contextlib.suppress(OSError, ValueError):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(130)
+            exit_now(130)
         raise
 
 

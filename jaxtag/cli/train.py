@@ -13,7 +13,6 @@ The same command: `python -m jaxtag.cli.train`, or `python run_train.py` from a 
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import errno
 import hashlib
@@ -27,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from jaxtag.cli.common import describe_error, guarded, require_train_extra
-from jaxtag.cli.interrupts import INTERRUPTED, sigint_handled
+from jaxtag.cli.interrupts import INTERRUPTED, exit_now, sigint_handled
 from jaxtag.errors import JaxtagError
 
 require_train_extra("jaxtag-train")
@@ -318,15 +317,6 @@ def run() -> None:
         if done.code == 130:  # interrupted: exit now, as the jaxtag commands do (cli/__init__.py)
             exit_now(130)
         raise
-
-
-def exit_now(code: int) -> None:
-    """Exits without finalising the interpreter, where JAX's threads stopped mid-work could
-    crash it (jaxtag/cli/__init__.py); what the run wrote is already on disk."""
-    with contextlib.suppress(OSError, ValueError):
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":
