@@ -24,13 +24,13 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from jaxtag import version
+from jaxtag.fileio import atomic_write
 
 AUTOTUNE_ENV = "JAXTAG_AUTOTUNE"  # the cache file's path, or "off"
 OFF = ("off", "none", "0", "")
@@ -119,15 +119,8 @@ def _read(path: Path) -> dict[str, Any]:
 def _write(path: Path, entries: dict[str, Any]) -> None:
     """Replaces the file in one rename (a reader sees the old or the new file, never half)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(entries, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_write(path, encoding="utf-8") as f:
+            json.dump(entries, f, indent=1, sort_keys=True)
     except OSError:  # a read-only cache costs a measurement next time, never the run
         pass
 
