@@ -43,7 +43,6 @@ import bench_engines  # noqa: E402  (the engine worker and the CPU model)
 import bench_model  # noqa: E402  (the jaxtag and torch workers)
 
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 PACKAGES = ("jax", "jaxlib", "flax", "torch", "onnxruntime", "openvino")
 ORIGINAL = "torch-eager"  # the row every ratio is to
 
@@ -87,13 +86,10 @@ ROWS = [
 
 
 def cpu_flags() -> dict[str, bool]:
-    """Which of CPU_FLAGS /proc/cpuinfo lists (all False where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    present = set(line.partition(":")[2].split())
+    """Which of CPU_FLAGS this CPU has (jaxtag.autotune's reading of /proc/cpuinfo)."""
+    from jaxtag.autotune import cpu_identity
+
+    present = set(cpu_identity()["flags"])
     return {flag: flag in present for flag in CPU_FLAGS}
 
 
@@ -107,7 +103,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def unavailable(row: Row, flags: dict[str, bool]) -> str | None:
+def unavailable(row: Row) -> str | None:
     """Why `row` cannot run on this machine, or None when it can (as far as one can tell
     without running it)."""
     if row.worker == "torch" and importlib.util.find_spec("torch") is None:
@@ -123,13 +119,9 @@ def unavailable(row: Row, flags: dict[str, bool]) -> str | None:
     if importlib.util.find_spec(row.option) is None:
         return f"{row.option} not installed"
     if row.precision == "bfloat16":
-        try:  # the engines' own test where jaxtag has it (OpenVINO's capabilities, then flags)
-            from jaxtag.engines import native_bf16
-        except ImportError:
-            native = any(flags[f] for f in BF16_FLAGS)
-        else:
-            native = native_bf16()
-        if not native:
+        from jaxtag.engines import native_bf16  # OpenVINO's capabilities, then the flags
+
+        if not native_bf16():
             return "no native bf16 on this CPU (neither avx512_bf16 nor amx_bf16)"
     return None
 
@@ -160,10 +152,9 @@ def reason_of(err: Exception) -> str:
 
 def run_rounds(rows: list[Row], batches: list[int], args: argparse.Namespace) -> dict:
     """{(name, mode, batch): {"rates": [...], "first_call_s": [...], "version", "reason"}}."""
-    flags = cpu_flags()
     results: dict = {}
     for row in rows:
-        reason = unavailable(row, flags)
+        reason = unavailable(row)
         for batch in batches:
             results[row.mode, row.name, batch] = {"rates": [], "first_call_s": [], "reason": reason}
             if reason:
