@@ -3,29 +3,26 @@
     python bench/bench_model.py                          # train and infer, float32, batch 16 and 64
     python bench/bench_model.py --no-torch --case train:float32:16 --case infer:bfloat16:1024
     python bench/bench_model.py --compile-only           # compile seconds, first and cached
-    python bench/bench_model.py --no-torch --front-end reference   # the other front end
+    python bench/bench_model.py --no-torch --front-end reference   # the plain convolutions
 
 Each measurement runs in its own subprocess so that compile caches, thread pools and peak memory
 (max RSS) of one framework never leak into the other. `train` is the model's whole training
-computation, jitted on one device: training-mode BatchNorm with its statistics update, dropout,
-BCE loss, gradients and an Adam update (jaxtag.train's pmapped step adds only the cross-device
-means). `infer` is the eval-mode forward pass with sigmoid.
+computation, jitted on one device: training-mode BatchNorm with its statistics update, dropout, BCE
+loss, gradients and an Adam update (jaxtag.train's pmapped step adds only the cross-device means).
+`infer` is the eval-mode forward pass with sigmoid.
 
-FLOPs per example are counted by XLA's cost analysis on the CPU backend, whatever device runs
-the benchmark: the GPU cost analysis leaves cuDNN convolutions out. They are the network's FLOPs
-(the reference front end of jaxtag/model/front_end.py); the banded CPU kernels do some extra work
-on zero padding that is not counted. Utilisation is achieved FLOP/s over `--peak-tflops` for the
-compute dtype; defaults are known for H100 and H200 (dense, SXM): 989 TFLOP/s bfloat16, 67
-float32 (the model's float32 runs at full precision, so it gets no TF32 tensor cores).
+FLOPs per example are counted by XLA's cost analysis on the CPU backend, whatever device runs (the
+GPU's leaves cuDNN convolutions out), for the network: the reference front end of
+jaxtag/model/front_end.py, not the banded kernels' zero padding. Utilisation is achieved FLOP/s over
+`--peak-tflops` for the compute dtype; known for H100 and H200 (dense, SXM): 989 TFLOP/s bfloat16,
+67 float32 (full-precision float32 gets no TF32 tensor cores).
 
-Compile times (`--compile-only`, also part of the default run): a fresh process compiles the
-train and inference programs with JAX's persistent compilation cache (jaxtag/runtime.py) in an
-empty temporary directory, then a second fresh process compiles them again from that cache.
+Compile times (`--compile-only`, also part of the default run): a fresh process compiles the train
+and inference programs with JAX's persistent compilation cache (jaxtag/runtime.py) in an empty
+temporary directory, then a second fresh process compiles them again from that cache.
 
-The torch comparison is the original architecture's PyTorch reference (tests/torch_reference.py),
-eager; `--torch-compile` runs it under torch.compile and a bfloat16 torch case under CPU autocast
-(bench/bench_peers.py measures them all). Runs without torch, TensorFlow, librosa and
-ml_collections; the torch comparison is skipped with a note when torch is missing.
+Torch: the original's PyTorch reference (tests/torch_reference.py), eager, or (`--torch-compile`)
+compiled, bfloat16 under CPU autocast. Needs no torch (skipped), TensorFlow, librosa, ml_collections.
 """
 
 from __future__ import annotations
@@ -88,16 +85,17 @@ def _time_loop(step, warmup: int, min_seconds: float, min_iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def _programs(mode: str, config, batch: int, front_end: str = "auto"):
-    """(jitted function, example arguments on the default device) for `mode`."""
+def _programs(mode: str, config, batch: int, front_end="auto"):
+    """(jitted function, example arguments on the default device) for `mode`; `front_end`: a
+    name or a jaxtag.model.tuning.FrontEndKernels."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
 
-    from jaxtag.model import build_model
+    from jaxtag.model.tuning import FrontEndKernels
 
-    model = build_model(config, front_end=front_end)
+    model = FrontEndKernels.of(front_end).model(config)
     rng = np.random.RandomState(0)
     mel = rng.uniform(-80, 40, (batch, config.n_mels, FRAMES)).astype(np.float32)
     tags = (rng.uniform(size=(batch, config.num_tags)) > 0.9).astype(np.float32)
@@ -135,13 +133,17 @@ def _programs(mode: str, config, batch: int, front_end: str = "auto"):
 def worker_jax(case: Case, args: argparse.Namespace) -> dict:
     import jax
 
-    from jaxtag.model import ModelConfig, choose_front_end
+    from jaxtag.model import ModelConfig
+    from jaxtag.model.tuning import FrontEndKernels, tune_front_end
     from jaxtag.runtime import enable_compilation_cache
 
     enable_compilation_cache(args.cache_dir)  # fills the cache the compile check reads
 
     config = ModelConfig(dtype=case.dtype)
-    fn, fn_args = _programs(case.mode, config, case.batch, args.front_end)
+    choice = FrontEndKernels.rule(args.front_end)
+    if case.mode == "train":  # "auto" measured for this machine, as jaxtag.train does
+        choice = tune_front_end(config, case.batch, FRAMES, args.front_end)
+    fn, fn_args = _programs(case.mode, config, case.batch, choice)
     t0 = time.perf_counter()
     compiled = fn.lower(*fn_args).compile()
     compile_s = time.perf_counter() - t0
@@ -168,7 +170,7 @@ def worker_jax(case: Case, args: argparse.Namespace) -> dict:
         "peak_rss_mb": _peak_rss_mb(),
         "backend": jax.default_backend(),
         "device": str(device.device_kind),
-        "front_end": choose_front_end(args.front_end, jax.default_backend()),
+        "front_end": choice.name,
         "version": f"jax {jax.__version__}",
     }
 
@@ -183,8 +185,7 @@ def worker_flops(mode: str) -> dict:
     with jax.default_device(jax.devices("cpu")[0]):  # the network's FLOPs, not the kernels'
         fn, fn_args = _programs(mode, config, FLOP_BATCH, front_end="reference")
         cost = fn.lower(*fn_args).compile().cost_analysis()
-    if isinstance(cost, list):
-        cost = cost[0]
+    cost = cost[0] if isinstance(cost, list) else cost
     return {"flops_per_example": float(cost["flops"]) / FLOP_BATCH}
 
 
@@ -321,9 +322,7 @@ def main() -> None:
         + ")",
     )
     parser.add_argument("--no-torch", action="store_true", help="measure jaxtag only")
-    parser.add_argument(
-        "--torch-compile", action="store_true", help="the torch reference under torch.compile"
-    )
+    parser.add_argument("--torch-compile", action="store_true", help="torch under torch.compile")
     parser.add_argument(
         "--peak-tflops",
         nargs="+",
@@ -335,7 +334,8 @@ def main() -> None:
         "--front-end",
         default="auto",
         choices=["auto", "reference", "banded"],
-        help="the front end's kernels (jaxtag.model.build_model; default auto: banded on CPU)",
+        help="the front end's kernels (default auto: training measures them for this CPU, "
+        "jaxtag/model/tuning.py; inference runs the banded ones on a CPU)",
     )
     parser.add_argument("--no-compile", action="store_true", help="skip the compile-time check")
     parser.add_argument("--compile-only", action="store_true", help="only the compile times")

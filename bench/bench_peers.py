@@ -80,7 +80,10 @@ ROWS = [
     Row("infer", "openvino", "jaxtag OpenVINO fp32", "engine", "float32", "openvino"),
     Row("infer", "openvino-bf16", "jaxtag OpenVINO bf16", "engine", "bfloat16", "openvino"),
     *_torch_rows("train"),
-    Row("train", "xla", "jaxtag XLA fp32 (banded front end)", "jax", "float32", "banded"),
+    Row("train", "xla", "jaxtag XLA fp32 (front end measured for this CPU)", "jax", "float32",
+        "auto"),
+    Row("train", "xla-banded", "jaxtag XLA fp32 (banded front end, 12-row blocks)", "jax",
+        "float32", "banded"),
     Row("train", "xla-bf16", "jaxtag XLA bf16 (dtype=bfloat16)", "jax", "bfloat16", "auto"),
 ]  # fmt: skip
 

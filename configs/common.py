@@ -27,8 +27,9 @@ def base_fields() -> dict[str, Any]:
         "shuffle_buffer": 10_000,
         # The network (jaxtag.model.ModelConfig); defaults: the released ponswon.pth architecture.
         "model": ModelConfig().to_dict(),
-        # The front end's kernels (jaxtag.model.build_model): auto (banded on a CPU, the plain
-        # convolutions elsewhere), reference or banded. Same function and parameters either way.
+        # The front end's kernels: auto (on a CPU the fastest measured for the machine, batch and
+        # crop, kept in the autotune cache: jaxtag/model/tuning.py; the plain convolutions
+        # elsewhere), reference or banded. Same function and parameters either way.
         "front_end": "auto",
         # Start from these weights instead of a random init (e.g. a converted ponswon.pth); the
         # classifier is rebuilt when the dataset's tags differ (see configs/finetune.py).

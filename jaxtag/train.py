@@ -39,7 +39,8 @@ from jaxtag.errors import JaxtagError
 from jaxtag.fileio import atomic_write
 from jaxtag.finetune import initial_variables  # noqa: F401 (train.initial_variables: API)
 from jaxtag.metric_log import SUMMARY, MetricLog, SessionClock, earlier_sessions, run_summary
-from jaxtag.model import MTSA, ModelConfig, build_model, init_variables
+from jaxtag.model import MTSA, ModelConfig, init_variables
+from jaxtag.model.tuning import FrontEndKernels, tune_front_end
 from jaxtag.run_config import Run, as_dict, resolve_run  # noqa: F401 (train.resolve_run: API)
 from jaxtag.sources import DataSource, TfdsSource
 
@@ -63,14 +64,14 @@ def create_train_state(
     seed: int,
     frames: int,
     variables: dict[str, Any] | None = None,
-    front_end: str = "auto",
+    front_end: str | FrontEndKernels = "auto",
 ) -> TrainState:
     """A fresh state: random init, or the given `variables` (e.g. converted ponswon.pth).
-    `front_end` picks the front end's kernels (`jaxtag.model.build_model`)."""
+    `front_end`: the front end's kernels, by name or measured (jaxtag/model/tuning.py)."""
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
     if variables is None:
         variables = init_variables(model_config, init_rng, frames)
-    model = build_model(model_config, front_end=front_end, axis_name=AXIS)
+    model = FrontEndKernels.of(front_end).model(model_config, AXIS)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
@@ -303,7 +304,9 @@ def _train_in_workdir(config: Any, workdir: Path, run: Run, source: DataSource) 
     tx, schedule = optim.create_optimizer(config, run.steps_per_epoch, run.total_steps)
     if config.freeze_backbone:
         tx = optim.freeze_backbone(tx)
-    front_end = getattr(config, "front_end", "auto")
+    kernels, per_device = getattr(config, "front_end", "auto"), config.global_batch_size
+    per_device //= jax.device_count()  # measured for this machine when "auto":
+    front_end = tune_front_end(run.model, per_device, config.crop_frames, kernels)
     state = create_train_state(
         run.model, tx, config.seed, config.crop_frames, run.initial, front_end
     )
@@ -322,7 +325,7 @@ def _train_in_workdir(config: Any, workdir: Path, run: Run, source: DataSource) 
                 json.dump(
                     {**as_dict(config), "model": run.model.to_dict()}, f, indent=2, default=str
                 )
-        model = build_model(run.model, front_end=front_end)
+        model = front_end.model(run.model)
         validator = Validator(source, model, config.eval_batch_size, config.eval_split)
         validator.best_step, validator.last = meta.get("best_step"), meta.get("last_eval")
         if validator.best_step is not None:

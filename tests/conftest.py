@@ -38,7 +38,9 @@ except ModuleNotFoundError:  # the torch-free job (.ci/run): see pytest_collecti
 # Tests never write the user's compilation cache (jaxtag/runtime.py); one cache for the session
 # lets the subprocess tests that compile the same small models load them instead.
 os.environ.setdefault("JAXTAG_CACHE_DIR", tempfile.mkdtemp(prefix="jaxtag-test-jax-cache-"))
-os.environ.setdefault("JAXTAG_AUTOTUNE", tempfile.mkdtemp(prefix="jaxtag-test-tune-") + "/t.json")
+# Nor its autotune file: measuring is off (each rule's default runs), and the tests of what is
+# measured (test_autotune, test_front_end_tuning, test_openvino, test_multiprocess) name a file.
+os.environ.setdefault("JAXTAG_AUTOTUNE", "off")
 
 # A shell without job control starts background jobs with SIGINT ignored (.ci/run's two jobs):
 # the Ctrl-C tests stand for a terminal, so the session (and the commands it starts) gets

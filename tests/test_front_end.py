@@ -2,7 +2,8 @@
 `BandedFrontEnd` (jaxtag/model/front_end.py, built from the pure functions of
 jaxtag/model/kernels.py: fused, blocked banded kernels), in values, parameter gradients and
 BatchNorm statistics, in training and evaluation, float32 and bfloat16. The banded kernels are
-also checked one by one against XLA's direct 2D convolution.
+also checked one by one against XLA's direct 2D convolution, at every block size the training
+autotune may pick (jaxtag/model/tuning.py).
 """
 
 import dataclasses
@@ -20,8 +21,10 @@ from jaxtag.model import (
     build_model,
     choose_front_end,
     init_variables,
+    tuning,
 )
 from jaxtag.model.kernels import BLOCK_ROWS, inside_tap_sums, vertical_conv
+from jaxtag.model.tuning import BLOCK_CANDIDATES, FrontEndKernels
 from tests.conftest import log_mel_like
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -77,16 +80,18 @@ def rows_in_order(y: jax.Array, weights: np.ndarray | None) -> jax.Array:
         (5, 1, 5 + 2 * BLOCK_ROWS - 1),  # rows an exact multiple of the block
     ],
 )
-def test_blocked_banded_conv_equals_direct_conv(height, width, n_freq):
+@pytest.mark.parametrize("block_rows", sorted({BLOCK_ROWS, 5, *BLOCK_CANDIDATES}))
+def test_blocked_banded_conv_equals_direct_conv(height, width, n_freq, block_rows):
     rng = np.random.RandomState(height)
     x = jnp.asarray(rng.normal(size=(3, n_freq, 40)).astype(np.float32))
     kernel = jnp.asarray(rng.normal(size=(height, width, 1, 6)).astype(np.float32))
-    y, weights = vertical_conv(x, kernel, HIGHEST)
+    y, weights = vertical_conv(x, kernel, HIGHEST, block_rows)
     np.testing.assert_allclose(
         rows_in_order(y, weights), direct_conv(x, kernel), rtol=1e-5, atol=1e-4
     )
     rows = n_freq - height + 1
-    assert (weights is None) == (rows % min(rows, BLOCK_ROWS) == 0)
+    assert y.shape[3] == min(rows, block_rows)
+    assert (weights is None) == (rows % min(rows, block_rows) == 0)
 
 
 def test_weighted_moments_count_each_row_once():
@@ -142,10 +147,14 @@ def _variables(config: ModelConfig) -> dict:
 
 
 def _loss_grads_stats(
-    config: ModelConfig, front_end: str, variables: dict, mel: np.ndarray, train: bool
+    config: ModelConfig,
+    front_end: str | FrontEndKernels,
+    variables: dict,
+    mel: np.ndarray,
+    train: bool,
 ):
     """(logits, parameter gradients of a BCE loss, batch_stats after the call)."""
-    model = MTSA(config, kernels=front_end)
+    model = FrontEndKernels.of(front_end).model(config)
     tags = np.random.RandomState(5).uniform(size=(mel.shape[0], config.num_tags)) > 0.7
 
     def loss(params):
@@ -196,6 +205,20 @@ def test_banded_front_end_equals_reference(dtype, train):
     assert _max_diff(fast[2], ref[2]) < tol["stats"]
     if train:  # the statistics moved, and the same way
         assert _max_diff(ref[2], variables["batch_stats"]) > 1e-2
+
+
+@pytest.mark.parametrize("choice", tuning.candidates()[1:], ids=lambda c: c.name)
+def test_every_measured_block_size_trains_like_the_reference(choice):
+    """The autotune's banded candidates (jaxtag/model/tuning.py): float32 training equal."""
+    variables = _variables(SMALL)
+    mel = log_mel_like(4, seed=6, frames=FRAMES)
+    ref = _loss_grads_stats(SMALL, "reference", variables, mel, True)
+    fast = _loss_grads_stats(SMALL, choice, variables, mel, True)
+    tol = TOLERANCES["float32"]
+    grad_scale = max(float(np.max(np.abs(g))) for g in jax.tree_util.tree_leaves(ref[1]))
+    assert _max_diff(fast[0], ref[0]) < tol["logits"]
+    assert _max_diff(fast[1], ref[1]) < tol["grads"] * grad_scale
+    assert _max_diff(fast[2], ref[2]) < tol["stats"]
 
 
 def test_branch_groups_follow_the_filter_heights():

@@ -46,6 +46,9 @@ def two_processes(workdir: Path, env: dict, *args: str) -> list[str]:
 
 def test_two_processes_equal_one_process_with_two_devices(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), JAXTAG_CACHE_DIR=str(tmp_path / "jax_cache"))
+    # The front end measured (jaxtag/model/tuning.py): by the first run, then every process of
+    # the two-process run takes process 0's choice.
+    env["JAXTAG_AUTOTUNE"] = str(tmp_path / "autotune.json")
     one = subprocess.run(
         [*SCRIPT, str(tmp_path / "one"), "--epochs", "2"],
         env=env | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
@@ -69,6 +72,9 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
         strict=True,
     ):
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+    tuned = json.loads((tmp_path / "autotune.json").read_text())
+    assert [json.loads(k)["task"] for k in tuned] == ["front_end_train"]
 
     # Checkpoints written once: one writer's data per item, steps logged once by process 0.
     for step_dir in (two / "checkpoints").glob("*/*"):

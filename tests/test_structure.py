@@ -193,7 +193,7 @@ def test_light_modules_stay_light(module, forbidden):
 
 def test_the_model_package_flows_one_way():
     graph = import_graph()
-    order = ["config", "layers", "kernels", "front_end", "encoder", "network"]
+    order = ["config", "layers", "kernels", "front_end", "encoder", "network", "tuning"]
     for i, name in enumerate(order):
         later = {f"jaxtag.model.{n}" for n in order[i + 1 :]}
         assert not graph[f"jaxtag.model.{name}"] & later, name

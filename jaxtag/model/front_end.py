@@ -20,7 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtag.model.config import ModelConfig, horizontal_branches, vertical_branches
-from jaxtag.model.kernels import fuse_kernels, horizontal_conv, inside_tap_sums, vertical_conv
+from jaxtag.model.kernels import (
+    BLOCK_ROWS,
+    fuse_kernels,
+    horizontal_conv,
+    inside_tap_sums,
+    vertical_conv,
+)
 from jaxtag.model.layers import BatchNorm, conv, torch_uniform_init
 
 Array = jax.Array
@@ -148,10 +154,12 @@ def normalize_group(
 
 
 class BandedFrontEnd(nn.Module):
-    """`model.FrontEnd` through the kernels above: (B, n_mels, T) -> (B, T, width)."""
+    """`model.FrontEnd` through the kernels above: (B, n_mels, T) -> (B, T, width).
+    `block_rows` is `kernels.vertical_conv`'s block size (speed only)."""
 
     config: ModelConfig
     axis_name: str | None = None
+    block_rows: int = BLOCK_ROWS
 
     @nn.compact
     def __call__(self, mel: Array, train: bool) -> Array:
@@ -182,7 +190,7 @@ class BandedFrontEnd(nn.Module):
             group = list(same_height)
             kernel, bias = fuse_kernels([b.conv() for b in group], axis=1)
             kernel = kernel.astype(dtype)
-            y, row_weights = vertical_conv(x_hat, kernel, precision)
+            y, row_weights = vertical_conv(x_hat, kernel, precision, self.block_rows)
             taps = inside_tap_sums(kernel, x_hat.shape[2], precision)
             y = scale * y + (shift * taps + bias.astype(dtype))[:, None]  # (T, C) offset
             # BN + ReLU per frequency row, then the max over all remaining rows.

@@ -26,8 +26,9 @@ import numpy as np
 Array = jax.Array
 Precision = jax.lax.Precision | None
 
-# Output rows per block of `vertical_conv`: the 38-row filters' 59 rows run as 5 blocks reading
-# 49 input rows each, not 59 reading all 96 (6 to 20 measured alike on a 2-core CPU).
+# Output rows per block of `vertical_conv` when nothing was measured: the 38-row filters' 59 rows
+# run as 5 blocks reading 49 input rows each, not 59 reading all 96. Training on a CPU measures
+# the best block size for the machine (jaxtag/model/tuning.py).
 BLOCK_ROWS = 12
 
 
@@ -49,13 +50,14 @@ def fuse_kernels(weights: list[tuple[Array, Array]], axis: int) -> tuple[Array, 
 
 
 def vertical_conv(
-    x: Array, kernel: Array, precision: Precision = None
+    x: Array, kernel: Array, precision: Precision = None, block_rows: int = BLOCK_ROWS
 ) -> tuple[Array, np.ndarray | None]:
     """Valid-in-frequency, same-in-time conv of (B, F, T) with an (h, w, 1, C) kernel.
 
-    Returns `(y, row_weights)`: y is (B, blocks, T, block_rows, C), the F - h + 1 output rows
-    split into blocks; `row_weights` (blocks, 1, block_rows, 1) counts each output row once
-    (blocks may overlap), or None when every row appears once.
+    Returns `(y, row_weights)`: y is (B, blocks, T, block, C), the F - h + 1 output rows split
+    into blocks of `block_rows` (one block when there are fewer rows); `row_weights`
+    (blocks, 1, block, 1) counts each output row once (blocks may overlap), or None when every
+    row appears once.
 
     The sum is written as a 1D convolution over time: each block of output rows reads a span of
     input rows as channels through a banded (Toeplitz) kernel shared by all blocks, so forward
@@ -65,7 +67,7 @@ def vertical_conv(
     n_freq, n_time = x.shape[1], x.shape[2]
     h, w, _, c = kernel.shape
     rows = n_freq - h + 1
-    block = min(rows, BLOCK_ROWS)
+    block = min(rows, block_rows)
     blocks = -(-rows // block)
     span = block + h - 1
     # The last block starts early enough to stay inside the input; rows it repeats get weight 0.

@@ -26,6 +26,7 @@ import numpy as np
 from jaxtag.model.config import ModelConfig
 from jaxtag.model.encoder import Embedding, Encoder, cls_vector, sinusoidal_table
 from jaxtag.model.front_end import BandedFrontEnd, FrontEnd
+from jaxtag.model.kernels import BLOCK_ROWS
 from jaxtag.model.layers import dense
 
 Array = jax.Array
@@ -61,13 +62,16 @@ class MTSA(nn.Module):
     config: ModelConfig
     axis_name: str | None = None
     kernels: str = "reference"  # the front end's implementation, one of FRONT_ENDS
+    block_rows: int = BLOCK_ROWS  # the banded front end's block size (speed only)
 
     def setup(self) -> None:
         cfg = self.config
         if self.kernels not in FRONT_ENDS:
             raise ValueError(f"kernels must be one of {FRONT_ENDS}, got {self.kernels!r}")
-        front_end = BandedFrontEnd if self.kernels == "banded" else FrontEnd
-        self.front_end = front_end(cfg, self.axis_name, name="front_end")
+        if self.kernels == "banded":
+            self.front_end = BandedFrontEnd(cfg, self.axis_name, self.block_rows, name="front_end")
+        else:
+            self.front_end = FrontEnd(cfg, self.axis_name, name="front_end")
         if cfg.positions == "learned":
             self.embedding = Embedding(cfg)
         self.encoder = Encoder(cfg)
@@ -155,14 +159,16 @@ def build_model(
     backend: str | None = None,
     front_end: str = "auto",
     axis_name: str | None = None,
+    block_rows: int = BLOCK_ROWS,
 ) -> MTSA:
     """The network of `config` for `backend` (default: JAX's default backend, read here).
 
     `front_end` ("auto", "reference", "banded") picks the front end's kernels
-    (`choose_front_end`); every choice computes the same function with the same parameters.
+    (`choose_front_end`) and `block_rows` the banded kernels' block size; every choice computes
+    the same function with the same parameters (`jaxtag.model.tuning` measures which is fastest).
     """
     backend = jax.default_backend() if backend is None else backend
-    return MTSA(config, axis_name, choose_front_end(front_end, backend))
+    return MTSA(config, axis_name, choose_front_end(front_end, backend), block_rows)
 
 
 def init_variables(
