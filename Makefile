@@ -34,7 +34,8 @@ $(VENV)/.installed-docs: pyproject.toml
 	touch $@
 
 # The test extras with the rest in one pip run (one resolve), also on a fresh machine. `test`
-# holds `export`, `serve` and `docs`, so the other stamps hold too.
+# holds `export`, `serve`, `docs` and `beam` (apache-beam: tests/test_beam_build.py; 19 s more
+# on the 2-core machine), so the other stamps hold too.
 $(VENV)/.installed-test: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -22,7 +22,7 @@ and inference programs with JAX's persistent compilation cache (jaxtag/runtime.p
 temporary directory, then a second fresh process compiles them again from that cache.
 
 Torch: the original's PyTorch reference (tests/torch_reference.py), eager, or (`--torch-compile`)
-compiled, bfloat16 under CPU autocast. Needs no torch (skipped), TensorFlow, librosa, ml_collections.
+compiled, bf16 under CPU autocast. Needs no torch (skipped), TensorFlow, librosa, ml_collections.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""TFDS builders for jaxtag: magnatagatune, msd, audio_folder, synthetic_tags.
+"""TFDS builders for jaxtag: magnatagatune, msd, mtg_jamendo, audio_folder, synthetic_tags.
 
 Installed as ``jaxtag.data_prep`` (see pyproject.toml); from a clone this folder also imports as
 ``data_prep``, so both ``python -m jaxtag.data_prep.build`` and ``python -m data_prep.build`` work.
@@ -12,7 +12,7 @@ import ``common`` and should not pay for TensorFlow.
 
 import importlib
 
-BUILDERS = ("magnatagatune", "msd", "audio_folder", "synthetic_tags")
+BUILDERS = ("magnatagatune", "msd", "mtg_jamendo", "audio_folder", "synthetic_tags")
 
 
 def register() -> None:

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Any
 
 import jaxtag  # noqa: F401  (sets TensorFlow's logging variables before TF is imported)
 from jaxtag.cli.common import require_train_extra
@@ -25,6 +26,9 @@ datasets:
   magnatagatune   MagnaTagATune top-50 (manual dir: annotations_final.csv + mp3 folders 0..f);
                   configs released_order (default: the released model's tag order), by_count
   msd             Million Song Dataset top-50 (manual dir: the split/tag pickles + mp3 previews)
+  mtg_jamendo     MTG-Jamendo, official splits (manual dir: a clone of mtg-jamendo-dataset +
+                  raw_30s/audio); configs top50tags (default), genre, instrument, moodtheme
+                  (split-0), SUBSET-split1 .. SUBSET-split4
   audio_folder    your own audio + tags.csv with columns path,tags[,split] (tags split by ';' or
                   '|'); configs top50 (default), all
   synthetic_tags  generated clips with audible tags, no download; configs default (400 x 8 s),
@@ -71,7 +75,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--keep_cache", action="store_true", help="keep the per-clip mel cache after success"
     )
+    parser.add_argument(
+        "--beam_pipeline_options",
+        metavar="OPTIONS",
+        help="run the example generation as an Apache Beam pipeline with these comma-separated "
+        'PipelineOptions (the beam extra), e.g. "runner=DataflowRunner,project=P,region=R"; no '
+        "mel cache, --num_workers unused",
+    )
     return parser.parse_args(argv)
+
+
+def beam_options(flags: str | None) -> Any:
+    """``PipelineOptions`` of ``--beam_pipeline_options`` (split on commas as `tfds build` does),
+    or None; exits naming the beam extra when apache-beam is not installed."""
+    if not flags:
+        return None
+    try:
+        from apache_beam.options.pipeline_options import PipelineOptions
+    except ImportError:
+        raise SystemExit(
+            "jaxtag-build: apache-beam not installed; --beam_pipeline_options needs the beam "
+            "extra: pip install 'jaxtag[beam]'"
+        ) from None
+    return PipelineOptions(flags=[f"--{flag}" for flag in flags.split(",")])
 
 
 def _remove_interrupted_builds(version_dir: str) -> None:
@@ -130,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 def _build(argv: list[str] | None) -> int:
     args = parse_args(argv)
     require_train_extra("jaxtag-build")
+    beam = beam_options(args.beam_pipeline_options)
     import tensorflow_datasets as tfds
 
     from jaxtag import input_pipeline
@@ -177,7 +204,7 @@ def _build(argv: list[str] | None) -> int:
     start = time.time()
     try:
         builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, beam_options=beam)
         )
     except common.ManualDirError as e:
         print(f"error: {e}", file=sys.stderr)

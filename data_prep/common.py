@@ -11,6 +11,9 @@ result is. The TFDS ``_generate_examples`` step then only reads finished ``.npy`
   that exists is complete. Failures (broken audio) are cached as a ``.err`` text file too, so known
   broken files are reported again without being decoded again.
 
+A Beam build (``base.MelDatasetBuilder`` with Beam options) runs the same per-clip work,
+:func:`compute_mel`, on the pipeline's workers instead, without the cache.
+
 Keys include everything the result depends on (source path, size and mtime, the front-end
 constants, a version), so a changed file or front end is recomputed rather than served stale.
 
@@ -202,14 +205,24 @@ def _npy_frames(path: str) -> int:
     return int(np.load(path, mmap_mode="r").shape[-1])
 
 
+def compute_mel(job: MelJob) -> tuple[np.ndarray | None, str | None]:
+    """One clip's work, the same in the pool and in a Beam build (``base``): decode, resample
+    and log-mel (``job.fn``), as stored (``MEL_DTYPE``); or None and why the audio is unusable
+    (its ``audio.AudioError``). Any other exception is a bug and propagates."""
+    try:
+        mel = job.fn(job.arg)
+    except audio.AudioError as e:
+        return None, str(e)
+    return np.asarray(mel, dtype=MEL_DTYPE), None
+
+
 def _run_job(job_and_root: tuple[MelJob, str]) -> tuple[str, MelResult]:
     """Pool worker: computes one job and writes its result (or its AudioError) to the cache."""
     job, root = job_and_root
     cache = MelCache(root)
-    try:
-        mel = job.fn(job.arg)
-    except audio.AudioError as e:
-        return job.key, cache.put_error(job.key, str(e))
+    mel, error = compute_mel(job)
+    if error is not None:
+        return job.key, cache.put_error(job.key, error)
     return job.key, cache.put(job.key, mel)
 
 

@@ -38,7 +38,8 @@ flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data_dir the data
 flags.DEFINE_string(
     "dataset",
     None,
-    "Dataset as built: NAME or NAME/CONFIG (magnatagatune, msd, audio_folder, synthetic_tags).",
+    "Dataset as built: NAME or NAME/CONFIG (magnatagatune, msd, mtg_jamendo, audio_folder, "
+    "synthetic_tags).",
 )
 flags.DEFINE_string("split", "test", "Split to evaluate.")
 flags.DEFINE_integer("batch_size", 8, "Clips (x 16 chunks) per batch.")
